@@ -1,0 +1,106 @@
+"""The Kubernetes-style envelope shared by every kind: apiVersion, kind, metadata, spec, status.
+
+Field names are snake_case on the wire, as in the seed's object format. ``metadata`` fields that
+the server owns (uid, generation, resource_version, creation_timestamp) are ignored on apply and
+set by the store.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_GROUP = "nomad-pipeline.io"
+API_VERSION = f"{API_GROUP}/v1"
+
+# DNS-1123-ish names as Kubernetes uses them, but also allowing the seed's underscores and dots
+# (seed step ids such as "run_build" and variables such as "trigger.git_sha").
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,251}[a-z0-9])?$")
+NAME_RULE = (
+    "must be 1-253 lower-case letters, digits, '-', '_' or '.', starting and ending with a letter "
+    "or digit"
+)
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors, never silently dropped (a misspelt key must be reported)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=False)
+
+
+class ConditionStatus:
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StrictModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class ObjectMeta(StrictModel):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    # Server-owned; ignored on apply except resource_version (an optimistic-concurrency guard).
+    uid: str | None = None
+    generation: int = 0
+    resource_version: str | None = None
+    creation_timestamp: datetime | None = None
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} {NAME_RULE}")
+        return value
+
+
+class Status(StrictModel):
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, condition_type: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == condition_type), None)
+
+
+class Resource(StrictModel):
+    """Base of every kind. Subclasses narrow ``spec`` and ``status`` and set the class vars."""
+
+    KIND: ClassVar[str] = ""
+    PLURAL: ClassVar[str] = ""
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
+    # Namespaces are cluster-scoped: their metadata.namespace is ignored and stored as "".
+    NAMESPACED: ClassVar[bool] = True
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str
+    metadata: ObjectMeta
+    spec: Any
+    status: Any
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    @field_validator("api_version")
+    @classmethod
+    def _known_api_version(cls, value: str) -> str:
+        if value != API_VERSION:
+            raise ValueError(f"unsupported apiVersion {value!r}, expected {API_VERSION!r}")
+        return value
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.metadata.namespace, self.metadata.name)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready dict users see (apiVersion, kind, metadata, spec, status)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

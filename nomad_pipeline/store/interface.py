@@ -1,0 +1,77 @@
+"""The one object-store interface every backend implements.
+
+Semantics follow the Kubernetes API server:
+- ``resource_version`` is an opaque string (a decimal index here) that changes on every write of
+  an object; list and watch use the store-wide version so a watch can resume after a list.
+- ``create`` sets uid, generation=1, resource_version and creation_timestamp, and refuses a name
+  that is taken (AlreadyExists).
+- ``update`` replaces metadata (labels/annotations) and spec; it bumps ``generation`` only when the
+  spec changed and keeps the stored status. ``update_status`` replaces status only. Both refuse a
+  stale ``metadata.resource_version`` with Conflict (a None version means "unconditional").
+- ``delete`` refuses a stale resource_version with Conflict, raises NotFound when absent.
+- ``watch`` yields ADDED/MODIFIED/DELETED events after ``since``; a ``since`` older than what the
+  backend keeps raises Gone ("expired, re-list").
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+from nomad_pipeline.resources.meta import Resource
+
+R = TypeVar("R", bound=Resource)
+
+WatchEventType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: WatchEventType
+    object: Resource
+    # The store-wide resource version after this event; resume a watch from it.
+    resource_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult(Generic[R]):
+    items: list[R]
+    resource_version: int
+
+
+class Store(Protocol):
+    async def get(self, kind: type[R], namespace: str, name: str) -> R: ...
+
+    async def list(
+        self,
+        kind: type[R],
+        namespace: str | None = None,
+        selector: Mapping[str, str] | None = None,
+    ) -> ListResult[R]:
+        """``namespace=None`` lists every namespace; ``selector`` matches labels exactly."""
+        ...
+
+    async def create(self, obj: R) -> R: ...
+
+    async def update(self, obj: R) -> R: ...
+
+    async def update_status(self, obj: R) -> R: ...
+
+    async def delete(self, kind: type[R], namespace: str, name: str,
+                     resource_version: str | None = None) -> R: ...
+
+    def watch(
+        self,
+        kind: type[Resource] | None = None,
+        namespace: str | None = None,
+        since: int = 0,
+    ) -> AsyncIterator[WatchEvent]:
+        """Events after ``since`` (0 = from now). Raises Gone when ``since`` is too old."""
+        ...
+
+    async def start(self) -> None:
+        """Fill caches and start background watches; returns once reads are served."""
+        ...
+
+    async def close(self) -> None: ...
