@@ -70,6 +70,13 @@ class Unauthorized(NomadPipelineError):
     reason = "Unauthorized"
 
 
+class Forbidden(NomadPipelineError):
+    """Nomad refused the request's token (ACL): 403 ``Permission denied``."""
+
+    http_status = 403
+    reason = "Forbidden"
+
+
 class NomadUnavailable(NomadPipelineError):
     """Nomad could not be reached or answered 5xx for a reason worth retrying."""
 

@@ -88,7 +88,7 @@ class EventBatch:
     events: list[Obj]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Subscriber:
     queue: asyncio.Queue[EventBatch] = field(default_factory=lambda: asyncio.Queue(maxsize=10_000))
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nomad_pipeline.resources.validation import FieldError
 
 API_GROUP = "nomad-pipeline.io"
 API_VERSION = f"{API_GROUP}/v1"
@@ -57,10 +59,18 @@ class ObjectMeta(StrictModel):
     resource_version: str | None = None
     creation_timestamp: datetime | None = None
 
-    @field_validator("name", "namespace")
+    @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
+            raise ValueError(f"{value!r} {NAME_RULE}")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, value: str) -> str:
+        # "" is how cluster-scoped objects (Namespaces) are stored; Resource checks which applies.
+        if value and not NAME_PATTERN.match(value):
             raise ValueError(f"{value!r} {NAME_RULE}")
         return value
 
@@ -96,6 +106,14 @@ class Resource(StrictModel):
         if value != API_VERSION:
             raise ValueError(f"unsupported apiVersion {value!r}, expected {API_VERSION!r}")
         return value
+
+    @model_validator(mode="after")
+    def _scope(self) -> Self:
+        if not self.NAMESPACED:
+            self.metadata.namespace = ""
+        elif not self.metadata.namespace:
+            raise FieldError(("metadata", "namespace"), f"a {self.KIND} needs a namespace")
+        return self
 
     @property
     def key(self) -> tuple[str, str]:

@@ -11,6 +11,12 @@ Semantics follow the Kubernetes API server:
 - ``delete`` refuses a stale resource_version with Conflict, raises NotFound when absent.
 - ``watch`` yields ADDED/MODIFIED/DELETED events after ``since``; a ``since`` older than what the
   backend keeps raises Gone ("expired, re-list").
+- An update that changes nothing (same spec, labels and annotations; or the same status) writes
+  nothing and returns the stored object with its unchanged resource_version.
+
+Objects returned by a store are shared with it, not copies: never mutate them; derive a changed
+object with ``obj.model_copy(update=...)`` (``deep=True`` before editing nested values). Objects
+passed to ``create``/``update``/``update_status`` are copied, so callers may keep using them.
 """
 
 from __future__ import annotations
@@ -58,8 +64,13 @@ class Store(Protocol):
 
     async def update_status(self, obj: R) -> R: ...
 
-    async def delete(self, kind: type[R], namespace: str, name: str,
-                     resource_version: str | None = None) -> R: ...
+    async def delete(
+        self, kind: type[R], namespace: str, name: str, resource_version: str | None = None
+    ) -> R: ...
+
+    def encoded(self, obj: Resource) -> bytes:
+        """``obj``'s wire JSON (what ``to_wire`` gives), cached per stored version for lists."""
+        ...
 
     def watch(
         self,

@@ -1,0 +1,410 @@
+"""Composition root: builds the store, the Nomad client, the reconcilers and the API server.
+
+Start order: Nomad client, store (its cache filled), the ``default`` namespace, the controllers
+(under a :class:`Manager`), then the API; /readyz answers 200 once all of that runs. Stop order
+is the reverse: API, controllers, store, Nomad client.
+
+Reconcilers register here, explicitly: append a factory to :data:`RECONCILER_FACTORIES` (it gets
+an :class:`AppContext` and returns the runnables to run: controllers, their watch sources) and
+a route setup to :data:`API_ROUTES` (``setup(app)`` adding routes to the API application).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from nomad_pipeline.controller.admission import ensure_default_namespace
+from nomad_pipeline.controller.api import runs
+from nomad_pipeline.controller.api.app import ApiServer, RouteSetup, build_api, start_api
+from nomad_pipeline.controller.manager import Manager
+from nomad_pipeline.controller.runtime import Runnable
+from nomad_pipeline.errors import Invalid
+from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.reconcilers.runsetup import run_controller_factory
+from nomad_pipeline.resources.registry import KINDS
+from nomad_pipeline.store.interface import Store
+from nomad_pipeline.store.memory import MemoryStore
+from nomad_pipeline.store.nomadvars import NomadVarsStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NOMAD_ADDR = "http://127.0.0.1:4646"
+StateBackend = Literal["dev", "nomad-vars"]
+LogFormat = Literal["text", "json"]
+
+
+@dataclass
+class ControllerConfig:
+    """How to run the controller (the ``nomad-pipeline server`` flags)."""
+
+    data_dir: Path
+    # ``HOST:PORT`` or the seed's ``http://HOST:PORT``; port 0 picks a free one.
+    http_addr: str = "127.0.0.1:8080"
+    # None: the NOMAD_ADDR environment variable, else http://127.0.0.1:4646.
+    nomad_addr: str | None = None
+    # None: the NOMAD_TOKEN environment variable, else no token.
+    nomad_token: str | None = None
+    state_backend: StateBackend = "dev"
+    # The Nomad namespace holding the nomad-vars backend's variables.
+    nomad_vars_namespace: str = "default"
+    log_format: LogFormat = "text"
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.nomad_addr is None:
+            self.nomad_addr = os.environ.get("NOMAD_ADDR") or DEFAULT_NOMAD_ADDR
+        if self.nomad_token is None:
+            self.nomad_token = os.environ.get("NOMAD_TOKEN") or None
+        if self.state_backend not in ("dev", "nomad-vars"):
+            raise Invalid(
+                f"state backend {self.state_backend!r} is not one of dev, nomad-vars",
+                field="state_backend",
+            )
+        if self.log_format not in ("text", "json"):
+            raise Invalid(
+                f"log format {self.log_format!r} is not one of text, json", field="log_format"
+            )
+        parse_http_addr(self.http_addr)
+
+    @property
+    def log_root(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def parse_http_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``[::1]:PORT`` or ``http://HOST:PORT`` into (host, port)."""
+    address = text.strip()
+    for scheme in ("http://", "https://"):
+        if address.startswith(scheme):
+            address = address.removeprefix(scheme).rstrip("/")
+    host, separator, port_text = address.rpartition(":")
+    if not separator or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise Invalid(
+            f"http address {text!r} must look like HOST:PORT or http://HOST:PORT",
+            field="http_addr",
+        )
+    host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """What reconciler factories may use to build their controllers."""
+
+    store: Store
+    nomad: NomadClient
+    config: ControllerConfig
+    # ``<data-dir>/logs``, the root of the step log layout.
+    log_root: Path
+    clock: Callable[[], datetime] = utc_now
+    # The API's ``http://HOST:PORT`` once it serves (None before): runners call it back.
+    api_address: Callable[[], str | None] = lambda: None
+
+
+ReconcilerFactory = Callable[[AppContext], Sequence[Runnable]]
+
+# The controllers to run, in start order (stopped in reverse). Each factory builds one kind's
+# controller with its watch sources.
+RECONCILER_FACTORIES: list[ReconcilerFactory] = [run_controller_factory]
+# Route setups added to the API beside the native and seed routes (runs, logs, runner, webhooks).
+API_ROUTES: list[RouteSetup] = [runs.setup]
+
+
+class ControllerApp:
+    """The controller process: ``await start()`` → address; ``await stop()``."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        *,
+        reconciler_factories: Sequence[ReconcilerFactory] | None = None,
+        api_routes: Sequence[RouteSetup] | None = None,
+    ) -> None:
+        self.config = config
+        self._reconciler_factories = (
+            RECONCILER_FACTORIES if reconciler_factories is None else reconciler_factories
+        )
+        self._api_routes = API_ROUTES if api_routes is None else api_routes
+        self._ready = asyncio.Event()
+        self._nomad: NomadClient | None = None
+        self._store: Store | None = None
+        self._manager: Manager | None = None
+        self._manager_task: asyncio.Task[None] | None = None
+        self._api: ApiServer | None = None
+        self.address: str | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the controller is not started")
+        return self._store
+
+    async def start(self) -> str:
+        """Start everything; returns the API's ``http://HOST:PORT``. Stops what started on
+        failure."""
+        config = self.config
+        host, port = parse_http_addr(config.http_addr)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            config.log_root.mkdir(parents=True, exist_ok=True)
+            assert config.nomad_addr is not None
+            self._nomad = NomadClient(config.nomad_addr, config.nomad_token)
+            self._store = self._build_store(self._nomad)
+            await self._store.start()
+            await ensure_default_namespace(self._store)
+            context = AppContext(
+                store=self._store,
+                nomad=self._nomad,
+                config=config,
+                log_root=config.log_root,
+                api_address=lambda: self.address,
+            )
+            runnables = [
+                runnable for factory in self._reconciler_factories for runnable in factory(context)
+            ]
+            self._manager = Manager(runnables)
+            self._manager_task = asyncio.create_task(self._manager.run(), name="controller-manager")
+            api = build_api(
+                self._store,
+                log_root=config.log_root,
+                extra_routes=self._api_routes,
+                ready=self._ready,
+            )
+            self._api = await start_api(api, host, port)
+        except BaseException:
+            await self.stop()
+            raise
+        self._ready.set()
+        self.address = self._api.address
+        logger.info(
+            "controller started",
+            extra={
+                "address": self.address,
+                "state_backend": config.state_backend,
+                "nomad_addr": config.nomad_addr,
+                "controllers": self._manager.names,
+            },
+        )
+        return self.address
+
+    def _build_store(self, nomad: NomadClient) -> Store:
+        if self.config.state_backend == "dev":
+            return MemoryStore()
+        return NomadVarsStore(
+            nomad, namespace=self.config.nomad_vars_namespace, kinds=KINDS.values()
+        )
+
+    async def wait(self) -> None:
+        """Return when the controllers stop by themselves (a runnable failed): re-raises."""
+        if self._manager_task is None:
+            raise RuntimeError("the controller is not started")
+        await self._manager_task
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call more than once and after a failed start."""
+        self._ready.clear()
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
+        if self._manager is not None and self._manager_task is not None:
+            self._manager.stop()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._manager_task
+        self._manager = None
+        self._manager_task = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        if self._nomad is not None:
+            await self._nomad.close()
+            self._nomad = None
+        logger.info("controller stopped")
+
+
+async def wait_for_signal(*stopping: asyncio.Task[Any]) -> None:
+    """Return on SIGINT/SIGTERM, or when one of ``stopping`` ends (re-raising its error)."""
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, received.set)
+    waiter = asyncio.create_task(received.wait(), name="signal-waiter")
+    try:
+        done, _ = await asyncio.wait({waiter, *stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter:
+                task.result()
+    finally:
+        waiter.cancel()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def serve(config: ControllerConfig) -> None:
+    """Run the controller until SIGINT/SIGTERM (``nomad-pipeline server``)."""
+    configure_logging(config.log_format)
+    app = ControllerApp(config)
+    await app.start()
+    watcher = asyncio.create_task(app.wait(), name="controller-watcher")
+    try:
+        await wait_for_signal(watcher)
+    finally:
+        watcher.cancel()
+        await app.stop()
+
+
+class DevStack:
+    """``nomad-pipeline dev``: the dev agent, then the controller on it with nomad-vars."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        port: int = 8080,
+        nomad_port: int = 4646,
+        bind: str = "127.0.0.1",
+        log_format: LogFormat = "text",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.nomad_port = nomad_port
+        self.bind = bind
+        self.log_format: LogFormat = log_format
+        self.nomad_address: str | None = None
+        self.address: str | None = None
+        self._agent: Any = None
+        self._controller: ControllerApp | None = None
+
+    async def start(self) -> tuple[str, str]:
+        """Start both; returns (controller address, Nomad address)."""
+        # Imported here: the dev agent is only needed by this command.
+        from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
+
+        try:
+            self._agent = DevAgent(
+                DevAgentConfig(
+                    bind=self.bind, port=self.nomad_port, data_dir=self.data_dir / "nomad"
+                )
+            )
+            self.nomad_address = await self._agent.start()
+            self._controller = ControllerApp(
+                ControllerConfig(
+                    data_dir=self.data_dir,
+                    http_addr=f"{self.bind}:{self.port}",
+                    nomad_addr=self.nomad_address,
+                    nomad_token="",
+                    state_backend="nomad-vars",
+                    log_format=self.log_format,
+                )
+            )
+            self.address = await self._controller.start()
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info(
+            "dev stack started",
+            extra={"address": self.address, "nomad_addr": self.nomad_address},
+        )
+        return self.address, self.nomad_address
+
+    async def stop(self) -> None:
+        if self._controller is not None:
+            await self._controller.stop()
+            self._controller = None
+        if self._agent is not None:
+            await self._agent.stop()
+            self._agent = None
+
+    async def serve(self) -> None:
+        """Run both until SIGINT/SIGTERM."""
+        configure_logging(self.log_format)
+        await self.start()
+        assert self._controller is not None
+        watcher = asyncio.create_task(self._controller.wait(), name="controller-watcher")
+        try:
+            await wait_for_signal(watcher)
+        finally:
+            watcher.cancel()
+            await self.stop()
+
+
+# ---- logging ------------------------------------------------------------------------------
+
+# Attributes every LogRecord has; anything else on a record came from ``extra``.
+_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS}
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-02T03:04:05Z INFO logger: message key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        extras = " ".join(f"{key}={value!r}" for key, value in _extras(record).items())
+        line = f"{when}Z {record.levelname} {record.name}: {record.getMessage()}"
+        if extras:
+            line += " " + extras
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(log_format: LogFormat = "text", level: int = logging.INFO) -> None:
+    """Send the root logger to stderr in ``text`` or ``json``; replaces earlier handlers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiohttp's access log repeats what the request metrics already count.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+__all__ = [
+    "API_ROUTES",
+    "RECONCILER_FACTORIES",
+    "AppContext",
+    "ControllerApp",
+    "ControllerConfig",
+    "DevStack",
+    "configure_logging",
+    "parse_http_addr",
+    "serve",
+]

@@ -1,0 +1,316 @@
+"""Object commands: apply, diff, get (and -w), describe, delete, schema, sync."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nomad_pipeline.cli.client import ApiClient
+from nomad_pipeline.cli.context import Context
+from nomad_pipeline.cli.describe import describe_object
+from nomad_pipeline.cli.output import (
+    OutputFormat,
+    Table,
+    columns_for,
+    kind_name,
+    object_name,
+    render_objects,
+    to_json,
+    to_yaml,
+    unified_diff,
+)
+from nomad_pipeline.errors import Conflict, Gone, Invalid, NotFound
+from nomad_pipeline.resources.manifests import Manifest, load_paths, load_text
+from nomad_pipeline.resources.meta import Resource
+from nomad_pipeline.resources.registry import kind_for
+from nomad_pipeline.resources.schema import json_schemas
+
+STDIN_PATH = "-"
+RECONCILE_REQUESTED_AT = "nomad-pipeline.io/reconcile-requested-at"
+SYNC_CONFLICT_ATTEMPTS = 5
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+
+def load_manifests(ctx: Context, files: Sequence[str], *, recursive: bool) -> list[Manifest]:
+    """Every object of the ``-f`` arguments in order; ``-`` reads stdin. -n fills unset
+    namespaces and must agree with namespaces the files spell out (kubectl's rule)."""
+    manifests: list[Manifest] = []
+    for entry in files:
+        if entry == STDIN_PATH:
+            manifests += load_text(ctx.stdin.read(), filename="<stdin>", base_dir=Path.cwd())
+        else:
+            manifests += load_paths([Path(entry)], recursive=recursive, cwd=Path.cwd())
+    if not manifests:
+        raise Invalid(f"no objects found in {', '.join(files)}")
+    if ctx.namespace_given:
+        for manifest in manifests:
+            _apply_namespace_flag(manifest, ctx.namespace)
+    return manifests
+
+
+def _apply_namespace_flag(manifest: Manifest, namespace: str) -> None:
+    obj = manifest.obj
+    if not type(obj).NAMESPACED:
+        return
+    if "namespace" not in obj.metadata.model_fields_set:
+        obj.metadata.namespace = namespace
+    elif obj.metadata.namespace != namespace:
+        raise Invalid(
+            f"{manifest.source}: document {manifest.document}: the namespace from the object "
+            f"{obj.metadata.namespace!r} does not match the namespace {namespace!r} from -n"
+        )
+
+
+def wire_for_apply(obj: Resource) -> dict[str, Any]:
+    """The object as sent to apply: status is the controller's, never the user's."""
+    wire = obj.to_wire()
+    wire.pop("status", None)
+    return wire
+
+
+def _namespace_arg(ctx: Context, kind: type[Resource]) -> str | None:
+    """The namespace segment for a request: None for cluster-scoped kinds and for -A lists."""
+    if not kind.NAMESPACED or ctx.all_namespaces:
+        return None
+    return ctx.namespace
+
+
+# --- apply / diff ---------------------------------------------------------------------------
+
+
+async def apply_command(ctx: Context, args: argparse.Namespace) -> int:
+    manifests = load_manifests(ctx, args.filename, recursive=args.recursive)
+    items = [wire_for_apply(manifest.obj) for manifest in manifests]
+    async with ctx.api() as api:
+        results = await api.apply(items, dry_run=args.dry_run)
+    suffix = " (dry run)" if args.dry_run else ""
+    for result in results:
+        ctx.out(f"{kind_name(str(result['kind']), str(result['name']))} {result['action']}{suffix}")
+    return 0
+
+
+async def diff_command(ctx: Context, args: argparse.Namespace) -> int:
+    """Stored against what applying would store (a server dry run, so defaults and loaded
+    jobspecs count); exit 1 when anything differs, as ``kubectl diff`` does."""
+    manifests = load_manifests(ctx, args.filename, recursive=args.recursive)
+    items = [wire_for_apply(manifest.obj) for manifest in manifests]
+    differs = False
+    async with ctx.api() as api:
+        results = await api.apply(items, dry_run=True)
+        for item, result in zip(items, results, strict=True):
+            local = result.get("object") or item
+            kind = kind_for(str(local["kind"]))
+            name = str(local["metadata"]["name"])
+            namespace = local["metadata"].get("namespace") if kind.NAMESPACED else None
+            stored = await _get_or_none(api, kind.PLURAL, namespace, name)
+            text = unified_diff(stored, local, label=kind_name(kind.KIND, name))
+            if text:
+                differs = True
+                ctx.stdout.write(text if text.endswith("\n") else text + "\n")
+    ctx.stdout.flush()
+    return 1 if differs else 0
+
+
+async def _get_or_none(
+    api: ApiClient, plural: str, namespace: str | None, name: str
+) -> dict[str, Any] | None:
+    try:
+        return await api.get_object(plural, namespace, name)
+    except NotFound:
+        return None
+
+
+# --- get ------------------------------------------------------------------------------------
+
+
+async def get_command(ctx: Context, args: argparse.Namespace) -> int:
+    kind = kind_for(args.kind)
+    output: OutputFormat = args.output
+    with_namespace = kind.NAMESPACED and ctx.all_namespaces
+    # One named object lives in one namespace: -A only widens lists.
+    namespace = (
+        (ctx.namespace if kind.NAMESPACED else None)
+        if args.name is not None
+        else _namespace_arg(ctx, kind)
+    )
+    async with ctx.api() as api:
+        if args.name is not None:
+            obj = await api.get_object(kind.PLURAL, namespace, args.name)
+            objects, version = [obj], str(obj["metadata"].get("resource_version") or "0")
+        else:
+            objects, version = await api.list_objects(
+                kind.PLURAL, namespace, selector=args.selector
+            )
+            objects.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+        table = Table(columns_for(kind.KIND, wide=output == "wide", with_namespace=with_namespace))
+        if objects or (output in ("json", "yaml") and not args.watch):
+            _print_initial(ctx, objects, output=output, kind=kind.KIND, args=args, table=table)
+        elif not args.watch:
+            where = "any namespace" if namespace is None else f"namespace {namespace!r}"
+            ctx.err(f"No {kind.PLURAL} found in {where}.")
+        if args.watch:
+            await _watch(
+                ctx,
+                api,
+                kind,
+                args,
+                namespace=namespace,
+                table=table,
+                version=version,
+                header=not objects,
+            )
+    return 0
+
+
+def _print_initial(
+    ctx: Context,
+    objects: list[dict[str, Any]],
+    *,
+    output: OutputFormat,
+    kind: str,
+    args: argparse.Namespace,
+    table: Table,
+) -> None:
+    if output in ("table", "wide"):
+        rows = [table.cells(obj, ctx.now()) for obj in objects]
+        for line in table.render(rows, header=True):
+            ctx.out(line)
+        return
+    if args.watch:
+        for obj in objects:
+            _print_watched(ctx, obj, output, table, header=False)
+        return
+    single = args.name is not None
+    ctx.out(render_objects(objects, output, single=single, kind=kind, now=ctx.now()))
+
+
+def _print_watched(
+    ctx: Context, obj: Mapping[str, Any], output: OutputFormat, table: Table, *, header: bool
+) -> None:
+    if output in ("table", "wide"):
+        for line in table.render([table.cells(obj, ctx.now())], header=header):
+            ctx.out(line)
+    elif output == "json":
+        ctx.out(to_json(obj))
+    elif output == "yaml":
+        ctx.out("---\n" + to_yaml(obj).rstrip("\n"))
+    else:
+        ctx.out(object_name(obj))
+
+
+async def _watch(
+    ctx: Context,
+    api: ApiClient,
+    kind: type[Resource],
+    args: argparse.Namespace,
+    *,
+    namespace: str | None,
+    table: Table,
+    version: str,
+    header: bool,
+) -> None:
+    """A row per change until interrupted; resumes after the server ends the stream, and
+    re-lists (printing nothing again) when the version expired."""
+    resume_from: str | None = version
+    while True:
+        try:
+            async for event in api.watch(
+                kind.PLURAL, namespace, resource_version=resume_from, selector=args.selector
+            ):
+                obj = event.get("object")
+                if not isinstance(obj, dict):
+                    continue
+                resume_from = str(obj.get("metadata", {}).get("resource_version") or resume_from)
+                if args.name is not None and obj.get("metadata", {}).get("name") != args.name:
+                    continue
+                _print_watched(ctx, obj, args.output, table, header=header)
+                header = False
+        except Gone:
+            _, resume_from = await api.list_objects(kind.PLURAL, namespace, selector=args.selector)
+
+
+# --- describe / delete ----------------------------------------------------------------------
+
+
+async def describe_command(ctx: Context, args: argparse.Namespace) -> int:
+    kind = kind_for(args.kind)
+    async with ctx.api() as api:
+        namespace = ctx.namespace if kind.NAMESPACED else None
+        obj = await api.get_object(kind.PLURAL, namespace, args.name)
+    ctx.out(describe_object(obj, ctx.now()))
+    return 0
+
+
+async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
+    targets: list[tuple[type[Resource], str | None, str]] = []
+    if args.filename:
+        if args.kind is not None:
+            raise Invalid("delete takes either KIND NAME... or -f FILE, not both")
+        manifests = load_manifests(ctx, args.filename, recursive=args.recursive)
+        # Namespaces last: a namespace that still holds objects cannot be deleted.
+        manifests.sort(key=lambda manifest: not type(manifest.obj).NAMESPACED)
+        for manifest in manifests:
+            kind = type(manifest.obj)
+            namespace = manifest.obj.metadata.namespace if kind.NAMESPACED else None
+            targets.append((kind, namespace, manifest.obj.metadata.name))
+    else:
+        if args.kind is None or not args.names:
+            raise Invalid("delete needs KIND NAME... or -f FILE")
+        kind = kind_for(args.kind)
+        namespace = ctx.namespace if kind.NAMESPACED else None
+        targets = [(kind, namespace, name) for name in args.names]
+    failed = False
+    async with ctx.api() as api:
+        for kind, namespace, name in targets:
+            try:
+                await api.delete_object(kind.PLURAL, namespace, name)
+            except NotFound as exc:
+                if args.ignore_not_found:
+                    continue
+                ctx.err(f"error: {exc.reason}: {exc.message}")
+                failed = True
+                continue
+            ctx.out(f"{kind_name(kind.KIND, name)} deleted")
+    return 1 if failed else 0
+
+
+# --- schema / sync --------------------------------------------------------------------------
+
+
+async def schema_command(ctx: Context, args: argparse.Namespace) -> int:
+    schemas = json_schemas()
+    if args.kind is None:
+        ctx.out(json.dumps(schemas, indent=2))
+        return 0
+    kind = kind_for(args.kind)
+    ctx.out(json.dumps(schemas[kind.KIND], indent=2))
+    return 0
+
+
+async def sync_command(ctx: Context, args: argparse.Namespace) -> int:
+    """Ask for an immediate reconcile of a GitRepository, as ``flux reconcile`` does: a new
+    value of the reconcile-requested annotation is a metadata change the reconciler is woken
+    by. Written with the object's resource_version, retried when another writer got first."""
+    kind = kind_for("gitrepository")
+    namespace = ctx.namespace
+    async with ctx.api() as api:
+        for _attempt in range(SYNC_CONFLICT_ATTEMPTS):
+            obj = await api.get_object(kind.PLURAL, namespace, args.name)
+            obj.pop("status", None)
+            annotations = obj["metadata"].setdefault("annotations", {})
+            annotations[RECONCILE_REQUESTED_AT] = ctx.now().isoformat()
+            try:
+                await api.apply([obj], dry_run=False)
+            except Conflict:
+                continue
+            ctx.out(f"{kind_name(kind.KIND, args.name)} reconcile requested")
+            return 0
+    raise Conflict(
+        f"{kind_name(kind.KIND, args.name)} kept changing; reconcile was not requested after "
+        f"{SYNC_CONFLICT_ATTEMPTS} attempts"
+    )

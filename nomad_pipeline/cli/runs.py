@@ -1,0 +1,221 @@
+"""Run commands: run (--wait, --follow), cancel, rerun, logs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nomad_pipeline.cli.client import ApiClient
+from nomad_pipeline.cli.context import Context
+from nomad_pipeline.cli.output import TERMINAL_RUN_PHASES, dig, flow_steps, kind_name, run_steps
+from nomad_pipeline.errors import Gone, Invalid, NotFound
+
+RUNS = "runs"
+# After a run ends, its log streams close once the controller has flushed the last lines;
+# this bounds how long --follow waits for that before exiting anyway.
+LOG_DRAIN_TIMEOUT = 10.0
+
+
+def parse_variables(pairs: Sequence[str]) -> dict[str, str]:
+    """``--var k=v`` pairs as strings; the controller coerces them to the declared types."""
+    variables: dict[str, str] = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise Invalid(f"--var {pair!r}: expected NAME=VALUE", field="--var")
+        variables[name] = value
+    return variables
+
+
+async def run_command(ctx: Context, args: argparse.Namespace) -> int:
+    async with ctx.api() as api:
+        run_id = await api.start_run(ctx.namespace, args.flow, parse_variables(args.var))
+        ctx.out(run_id)
+        if not (args.wait or args.follow):
+            return 0
+        phase = await follow_run(ctx, api, ctx.namespace, run_id, logs=args.follow)
+    return 0 if phase == "success" else 1
+
+
+async def rerun_command(ctx: Context, args: argparse.Namespace) -> int:
+    async with ctx.api() as api:
+        run_id = await api.rerun(ctx.namespace, args.run, from_failed=args.from_failed)
+        ctx.out(run_id)
+        if not (args.wait or args.follow):
+            return 0
+        phase = await follow_run(ctx, api, ctx.namespace, run_id, logs=args.follow)
+    return 0 if phase == "success" else 1
+
+
+async def cancel_command(ctx: Context, args: argparse.Namespace) -> int:
+    async with ctx.api() as api:
+        await api.cancel_run(ctx.namespace, args.run)
+    ctx.out(f"{kind_name('Run', args.run)} cancel requested")
+    return 0
+
+
+class ProgressPrinter:
+    """Prints each step transition and run phase change once, in the order they are seen."""
+
+    def __init__(self, ctx: Context, run_id: str) -> None:
+        self.ctx = ctx
+        self.run_id = run_id
+        self.step_phases: dict[str, tuple[str, int]] = {}
+        self.run_phase = ""
+
+    def update(self, run: Mapping[str, Any]) -> list[str]:
+        """Prints what changed; returns the names of steps that started or ended just now."""
+        changed: list[str] = []
+        for step in run_steps(run):
+            name = str(step.get("name"))
+            phase = str(step.get("phase") or "pending")
+            # A retry is a transition of its own: the same phase again on a later attempt.
+            seen = (phase, max(1, int(step.get("attempts") or 0)))
+            if self.step_phases.get(name) == seen:
+                continue
+            self.step_phases[name] = seen
+            if phase == "pending":
+                continue
+            changed.append(name)
+            self.ctx.out(f"step {name}: {phase}{step_details(step)}")
+        phase = str(dig(run, "status", "phase") or "pending")
+        if phase != self.run_phase:
+            self.run_phase = phase
+            message = dig(run, "status", "message")
+            detail = f": {message}" if message and phase != "success" else ""
+            self.ctx.out(f"run {self.run_id}: {phase}{detail}")
+        return changed
+
+
+def step_details(step: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    if (step.get("attempts") or 0) > 1:
+        parts.append(f"attempt {step['attempts']}")
+    if step.get("exit_code") is not None and step.get("phase") in ("success", "failed"):
+        parts.append(f"exit code {step['exit_code']}")
+    text = f" ({', '.join(parts)})" if parts else ""
+    message = step.get("message")
+    if message and step.get("phase") not in ("running", "success"):
+        text += f": {message}"
+    return text
+
+
+async def follow_run(
+    ctx: Context, api: ApiClient, namespace: str, run_id: str, *, logs: bool
+) -> str:
+    """Watches the run until its phase is final, printing transitions (and, with ``logs``,
+    every step's output as it is written); returns the final phase."""
+    printer = ProgressPrinter(ctx, run_id)
+    followed: set[str] = set()
+    log_tasks: list[asyncio.Task[None]] = []
+    async with asyncio.TaskGroup() as group:
+
+        def start_logs(steps: Sequence[str]) -> None:
+            for step in steps:
+                if not logs or step in followed:
+                    continue
+                followed.add(step)
+                for stream in ("stdout", "stderr"):
+                    log_tasks.append(
+                        group.create_task(
+                            print_step_log(
+                                ctx,
+                                api,
+                                namespace=namespace,
+                                run_id=run_id,
+                                step=step,
+                                stream=stream,
+                                prefix=True,
+                            ),
+                            name=f"logs {run_id}/{step}/{stream}",
+                        )
+                    )
+
+        run = await api.get_object(RUNS, namespace, run_id)
+        start_logs(printer.update(run))
+        version: str | None = str(dig(run, "metadata", "resource_version") or "0")
+        while printer.run_phase not in TERMINAL_RUN_PHASES:
+            try:
+                async for event in api.watch(RUNS, namespace, resource_version=version):
+                    obj = event.get("object")
+                    if not isinstance(obj, dict) or dig(obj, "metadata", "name") != run_id:
+                        continue
+                    version = str(dig(obj, "metadata", "resource_version") or version)
+                    if event.get("type") == "DELETED":
+                        raise NotFound(f"run {run_id} was deleted while waiting for it")
+                    start_logs(printer.update(obj))
+                    if printer.run_phase in TERMINAL_RUN_PHASES:
+                        break
+            except Gone:
+                # Resume from the current state: the server starts with ADDED for what exists.
+                version = None
+        if log_tasks:
+            _, pending = await asyncio.wait(log_tasks, timeout=LOG_DRAIN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+    return printer.run_phase
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+async def print_step_log(
+    ctx: Context,
+    api: ApiClient,
+    *,
+    namespace: str,
+    run_id: str,
+    step: str,
+    stream: str,
+    prefix: bool,
+    follow: bool = True,
+) -> None:
+    """One step's stdout (to our stdout) or stderr (to our stderr), line by line."""
+    target = ctx.out if stream == "stdout" else ctx.err
+    label = f"[{step}] " if prefix else ""
+    async for line in api.step_log_lines(namespace, run_id, step, stream, follow=follow):
+        target(label + line)
+
+
+async def logs_command(ctx: Context, args: argparse.Namespace) -> int:
+    stream = "stderr" if args.stderr else "stdout"
+    async with ctx.api() as api:
+        if args.step is not None:
+            steps = [args.step]
+        else:
+            run = await api.get_object(RUNS, ctx.namespace, args.run)
+            steps = [str(step.get("name")) for step in run_steps(run)] or [
+                str(step.get("name")) for step in flow_steps(dig(run, "spec", "flow_spec"))
+            ]
+        prefix = len(steps) > 1
+        if args.follow:
+            # Steps of a DAG run in parallel: follow them all at once, each line labelled.
+            async with asyncio.TaskGroup() as group:
+                for step in steps:
+                    group.create_task(
+                        print_step_log(
+                            ctx,
+                            api,
+                            namespace=ctx.namespace,
+                            run_id=args.run,
+                            step=step,
+                            stream=stream,
+                            prefix=prefix,
+                        ),
+                        name=f"logs {args.run}/{step}/{stream}",
+                    )
+        else:
+            for step in steps:
+                await print_step_log(
+                    ctx,
+                    api,
+                    namespace=ctx.namespace,
+                    run_id=args.run,
+                    step=step,
+                    stream=stream,
+                    prefix=prefix,
+                    follow=False,
+                )
+    return 0

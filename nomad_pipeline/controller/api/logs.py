@@ -1,0 +1,178 @@
+"""Step log routes: the seed's ``GET /v1/runs/{id}/logs`` and a native plain-text one.
+
+- ``GET /v1/runs/{id}/logs?namespace=&step_id=&type=stdout|stderr&tail=true|false`` (seed
+  parameters; ``namespace`` defaults to ``default``, ``type`` to ``stdout``). Without ``tail``
+  the answer is JSON lines (``application/x-ndjson``), one object per log line:
+  ``{"run_id", "step_id", "type", "line"}``. With ``tail=true`` it is the log itself as a
+  ``text/plain`` stream, from the start, that follows new output and ends once the step ended.
+- ``GET /apis/nomad-pipeline.io/v1/namespaces/{ns}/runs/{name}/logs?step=&stream=&follow=``:
+  always ``text/plain``; ``follow=true`` streams until the step ends (``nomad-pipeline logs -f``).
+
+Unknown runs and steps answer 404, a bad ``type``/``stream`` 400. A step is over when the Run's
+status shows it (or the run) terminal, read from a store watch, or when the log store was told
+so; the stream then hands out what is left and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+
+from nomad_pipeline.controller.api import LOG_ROOT, STORE, WATCHES
+from nomad_pipeline.controller.api.errors import query_flag
+from nomad_pipeline.controller.logstore import LogStore, LogStream, validate_stream
+from nomad_pipeline.errors import Gone, Invalid, NotFound
+from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Run
+from nomad_pipeline.store.interface import Store
+
+LOG_STORE = web.AppKey("log_store", LogStore)
+NATIVE_RUNS = "/apis/nomad-pipeline.io/v1/namespaces/{namespace}/runs/{name}"
+
+
+def setup(app: web.Application) -> None:
+    """Add the log routes (``build_api(extra_routes=[logs.setup])``)."""
+    app.router.add_get("/v1/runs/{name}/logs", seed_logs)
+    app.router.add_get(f"{NATIVE_RUNS}/logs", native_logs)
+
+
+def provide_log_store(log_store: LogStore) -> Callable[[web.Application], None]:
+    """A route setup that makes ``log_store`` the API's log store; list it before the routes
+    that use it so the API and the reconcilers (which append Nomad logs) share one instance
+    and a follower is woken by every append."""
+
+    def install(app: web.Application) -> None:
+        app[LOG_STORE] = log_store
+
+    return install
+
+
+def log_store_of(app: web.Application) -> LogStore:
+    """The API's log store: the one provided, else one over ``LOG_ROOT`` made on first use."""
+    log_store = app.get(LOG_STORE)
+    if log_store is None:
+        log_store = LogStore(app[LOG_ROOT])
+        app[LOG_STORE] = log_store
+    return log_store
+
+
+async def seed_logs(request: web.Request) -> web.StreamResponse:
+    namespace = request.query.get("namespace") or "default"
+    name = request.match_info["name"]
+    stream = validate_stream(request.query.get("type") or "stdout")
+    run = await request.app[STORE].get(Run, namespace, name)
+    step = _step_of(run, request.query.get("step_id"), "step_id")
+    if query_flag(request, "tail"):
+        return await _stream_log(request, run, step, stream)
+    data = await log_store_of(request.app).read(namespace, name, step, stream)
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    body = "".join(
+        json.dumps({"run_id": name, "step_id": step, "type": stream, "line": line}) + "\n"
+        for line in lines
+    )
+    return web.Response(text=body, content_type="application/x-ndjson")
+
+
+async def native_logs(request: web.Request) -> web.StreamResponse:
+    namespace = request.match_info["namespace"]
+    name = request.match_info["name"]
+    stream = validate_stream(request.query.get("stream") or "stdout")
+    run = await request.app[STORE].get(Run, namespace, name)
+    step = _step_of(run, request.query.get("step"), "step")
+    if query_flag(request, "follow"):
+        return await _stream_log(request, run, step, stream)
+    data = await log_store_of(request.app).read(namespace, name, step, stream)
+    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+
+def _step_of(run: Run, step: str | None, parameter: str) -> str:
+    """The step the request names; without one, the flow's only step (else 400)."""
+    names = run.spec.flow_spec.step_names
+    if not step:
+        if len(names) == 1:
+            return names[0]
+        raise Invalid(
+            f"query parameter {parameter!r} is required: run {run.metadata.name} has steps "
+            f"{', '.join(names)}",
+            field=parameter,
+        )
+    if step not in names:
+        raise NotFound(
+            f"run {run.metadata.namespace}/{run.metadata.name} has no step {step!r} "
+            f"(steps: {', '.join(names)})"
+        )
+    return step
+
+
+def step_over(run: Run, step: str) -> bool:
+    """Whether the step (or the whole run) reached a terminal phase."""
+    if run.status.phase in TERMINAL_PHASES:
+        return True
+    status = run.status.step(step)
+    return status is not None and status.phase in TERMINAL_PHASES
+
+
+async def _stream_log(
+    request: web.Request, run: Run, step: str, stream: LogStream
+) -> web.StreamResponse:
+    app = request.app
+    namespace, name = run.metadata.namespace, run.metadata.name
+    ended = asyncio.Event()
+    if step_over(run, step):
+        ended.set()
+    watcher = asyncio.create_task(
+        _watch_step(app[STORE], run, step, ended), name=f"log follow {namespace}/{name}/{step}"
+    )
+    # Registered with the open watches, so a shutting-down server ends this stream at once.
+    handler = asyncio.current_task()
+    if handler is not None:
+        app[WATCHES].add(handler)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    try:
+        await response.prepare(request)
+        follower = log_store_of(app).follow(namespace, name, step, stream, until=ended)
+        async for chunk in follower:
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        if handler is not None:
+            app[WATCHES].discard(handler)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return response
+
+
+async def _watch_step(store: Store, run: Run, step: str, ended: asyncio.Event) -> None:
+    """Set ``ended`` once the Run shows the step over, or is deleted."""
+    namespace, name = run.metadata.namespace, run.metadata.name
+    since = int(run.metadata.resource_version or 0)
+    while not ended.is_set():
+        try:
+            async for event in store.watch(Run, namespace, since):
+                since = event.resource_version
+                if event.object.metadata.name != name:
+                    continue
+                if event.type == "DELETED" or (
+                    isinstance(event.object, Run) and step_over(event.object, step)
+                ):
+                    ended.set()
+                    return
+            # The store ended the watch (it is closing): end the stream, the client may retry.
+            ended.set()
+        except Gone:
+            # Too far behind: re-read the run and watch from its current version.
+            try:
+                current = await store.get(Run, namespace, name)
+            except NotFound:
+                ended.set()
+                return
+            if step_over(current, step):
+                ended.set()
+                return
+            since = int(current.metadata.resource_version or 0)

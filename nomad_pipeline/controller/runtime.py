@@ -1,0 +1,128 @@
+"""The reconcile contract and the controller loop, in controller-runtime's shape.
+
+A ``Request`` names an object, never an event: the reconciler reads the current state and
+converges it, so merged or missed events do no harm. What happens next is decided by the outcome
+alone:
+
+- ``Result()``: done; the key's backoff is reset.
+- ``Result(requeue_after=t)``: reconcile again after ``t`` seconds (backoff reset).
+- ``TerminalError``: logged, not requeued; the reconciler surfaces it as a condition.
+- any other exception: requeued with the key's exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from nomad_pipeline.controller.workqueue import QueueShutDownError, WorkQueue
+from nomad_pipeline.errors import TerminalError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Which object to converge: identity only, never the event or the body."""
+
+    kind: str
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    # Seconds until the object is reconciled again; None waits for the next event.
+    requeue_after: float | None = None
+
+
+class Reconciler(Protocol):
+    async def reconcile(self, request: Request) -> Result: ...
+
+
+class Runnable(Protocol):
+    """A long-lived component: ``run`` blocks until cancelled; returning early is a bug."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self) -> None: ...
+
+
+class Controller:
+    """Feeds requests from a work queue to a reconciler with ``workers`` concurrent tasks."""
+
+    def __init__(
+        self,
+        name: str,
+        reconciler: Reconciler,
+        queue: WorkQueue[Request] | None = None,
+        *,
+        workers: int = 1,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"controller {name!r}: workers must be at least 1, got {workers}")
+        self._name = name
+        self._reconciler = reconciler
+        self.queue: WorkQueue[Request] = queue if queue is not None else WorkQueue()
+        self._workers = workers
+        self.reconciles = 0
+        self.errors = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def enqueue(self, request: Request) -> None:
+        self.queue.add(request)
+
+    async def run(self) -> None:
+        logger.info("controller starting", extra={"controller": self._name})
+        try:
+            async with asyncio.TaskGroup() as workers:
+                for index in range(self._workers):
+                    workers.create_task(self._work(), name=f"{self._name}-worker-{index}")
+        finally:
+            self.queue.shut_down()
+            logger.info("controller stopped", extra={"controller": self._name})
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                request = await self.queue.get()
+            except QueueShutDownError:
+                return
+            try:
+                await self._reconcile_one(request)
+            finally:
+                self.queue.done(request)
+
+    async def _reconcile_one(self, request: Request) -> None:
+        self.reconciles += 1
+        extra = {
+            "controller": self._name,
+            "kind": request.kind,
+            "namespace": request.namespace,
+            "object_name": request.name,
+        }
+        try:
+            result = await self._reconciler.reconcile(request)
+        except asyncio.CancelledError:
+            raise
+        except TerminalError as error:
+            self.errors += 1
+            logger.error("reconcile failed permanently", extra={**extra, "error": str(error)})
+            self.queue.forget(request)
+        except Exception:
+            self.errors += 1
+            logger.exception(
+                "reconcile failed, backing off",
+                extra={**extra, "failures": self.queue.failures(request) + 1},
+            )
+            self.queue.add_rate_limited(request)
+        else:
+            self.queue.forget(request)
+            if result.requeue_after is not None:
+                self.queue.add_after(request, result.requeue_after)

@@ -1,0 +1,149 @@
+"""The allocation directory and the task environment, as Nomad's client builds them for raw_exec.
+
+Layout (``client/allocdir``)::
+
+    <alloc_root>/<alloc_id>/alloc/{data,logs,tmp}
+    <alloc_root>/<alloc_id>/<task>/{local,secrets,private,tmp}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+Obj = dict[str, Any]
+
+SHARED_DIRS = ("data", "logs", "tmp")
+TASK_DIRS = ("local", "secrets", "private", "tmp")
+
+_META_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+def build_alloc_dir(alloc_dir: Path, task_names: list[str]) -> None:
+    """Create the directory tree (blocking; run it off the event loop)."""
+    for name in SHARED_DIRS:
+        (alloc_dir / "alloc" / name).mkdir(parents=True, exist_ok=True)
+    for task in task_names:
+        for name in TASK_DIRS:
+            path = alloc_dir / task / name
+            path.mkdir(parents=True, exist_ok=True)
+            if name in ("secrets", "private"):
+                path.chmod(0o700)
+
+
+def merged_meta(job: Obj, group: Obj, task: Obj) -> dict[str, str]:
+    """Job meta (dispatch meta already merged in), then group, then task: later wins."""
+    meta: dict[str, str] = {}
+    for level in (job, group, task):
+        meta.update(level.get("Meta") or {})
+    return meta
+
+
+def task_environment(
+    *,
+    alloc: Obj,
+    group: Obj,
+    task: Obj,
+    alloc_dir: Path,
+    node: Obj,
+    host_env: dict[str, str],
+) -> dict[str, str]:
+    """The full environment of a raw_exec task: host env, ``NOMAD_*``, then interpolated Env."""
+    job = alloc["Job"]
+    task_dir = alloc_dir / task["Name"]
+    resources = task.get("Resources") or {}
+    nomad: dict[str, str] = {
+        "NOMAD_ALLOC_DIR": str(alloc_dir / "alloc"),
+        "NOMAD_TASK_DIR": str(task_dir / "local"),
+        "NOMAD_SECRETS_DIR": str(task_dir / "secrets"),
+        "NOMAD_ALLOC_ID": alloc["ID"],
+        "NOMAD_SHORT_ALLOC_ID": alloc["ID"][:8],
+        "NOMAD_ALLOC_NAME": alloc["Name"],
+        "NOMAD_ALLOC_INDEX": str(alloc_index(alloc["Name"])),
+        "NOMAD_JOB_ID": job["ID"],
+        "NOMAD_JOB_NAME": job["Name"],
+        "NOMAD_TASK_NAME": task["Name"],
+        "NOMAD_GROUP_NAME": group["Name"],
+        "NOMAD_NAMESPACE": alloc["Namespace"],
+        "NOMAD_REGION": job.get("Region") or "global",
+        "NOMAD_DC": node["Datacenter"],
+        "NOMAD_CPU_LIMIT": str(resources.get("CPU") or 0),
+        "NOMAD_MEMORY_LIMIT": str(resources.get("MemoryMB") or 0),
+    }
+    if resources.get("MemoryMaxMB"):
+        nomad["NOMAD_MEMORY_MAX_LIMIT"] = str(resources["MemoryMaxMB"])
+    if resources.get("Cores"):
+        nomad["NOMAD_CPU_CORES"] = str(resources["Cores"])
+    if job.get("ParentID"):
+        nomad["NOMAD_JOB_PARENT_ID"] = job["ParentID"]
+    meta = merged_meta(job, group, task)
+    for key, value in meta.items():
+        safe = _META_UNSAFE.sub("_", key)
+        nomad[f"NOMAD_META_{safe}"] = value
+        nomad[f"NOMAD_META_{safe.upper()}"] = value
+    env = dict(host_env)
+    env.update(nomad)
+    lookup = interpolation_lookup(nomad, meta, node)
+    for key, value in (task.get("Env") or {}).items():
+        env[key] = interpolate(value, lookup)
+    return env
+
+
+def alloc_index(name: str) -> int:
+    """The ``i`` of an allocation named ``job.group[i]``."""
+    start = name.rfind("[")
+    return int(name[start + 1 : -1]) if start >= 0 and name.endswith("]") else 0
+
+
+def interpolation_lookup(env: dict[str, str], meta: dict[str, str], node: Obj) -> dict[str, str]:
+    """Everything ``${...}`` may name: env vars, ``meta.*``, ``node.*`` and ``attr.*``."""
+    lookup = dict(env)
+    lookup.update({f"meta.{k}": v for k, v in meta.items()})
+    lookup.update({f"attr.{k}": v for k, v in (node.get("Attributes") or {}).items()})
+    lookup.update(
+        {
+            "node.unique.id": node["ID"],
+            "node.unique.name": node["Name"],
+            "node.datacenter": node["Datacenter"],
+            "node.region": node.get("Region", "global"),
+            "node.class": node.get("NodeClass") or "",
+            "node.pool": node["NodePool"],
+        }
+    )
+    return lookup
+
+
+def interpolate(value: str, lookup: dict[str, str]) -> str:
+    """Replace ``${name}`` by its value; unknown names stay as written, as Nomad leaves them."""
+    return _INTERPOLATION.sub(lambda m: lookup.get(m.group(1).strip(), m.group(0)), value)
+
+
+def interpolate_config(config: Any, lookup: dict[str, str]) -> Any:
+    """Interpolate every string inside a driver ``Config`` (Nomad does this for all drivers)."""
+    if isinstance(config, str):
+        return interpolate(config, lookup)
+    if isinstance(config, list):
+        return [interpolate_config(v, lookup) for v in config]
+    if isinstance(config, dict):
+        return {k: interpolate_config(v, lookup) for k, v in config.items()}
+    return config
+
+
+def host_environment() -> dict[str, str]:
+    """The agent's own environment, passed through to raw_exec tasks as Nomad does."""
+    return dict(os.environ)
+
+
+def resolve_in_task(task_dir: Path, relative: str) -> Path:
+    """``relative`` (``local/x``, ``../alloc/data/y``) under ``task_dir``, never outside its alloc.
+
+    Validation already rejected escaping paths; this is the last guard before writing.
+    """
+    alloc_dir = task_dir.parent.resolve()
+    target = (task_dir / relative).resolve()
+    if target != alloc_dir and alloc_dir not in target.parents:
+        raise ValueError(f"path {relative!r} escapes the allocation directory")
+    return target

@@ -1,0 +1,157 @@
+"""Wiring of the run controller: the reconciler, its work queue, and what wakes it.
+
+``run_controller_factory`` is registered in ``app.RECONCILER_FACTORIES``. It returns, in start
+order, the runnables the manager runs (stopped in reverse):
+
+- ``run-logs``: owns the spec-step log copiers and closes them on stop;
+- ``runs``: the controller (work queue + workers) around :class:`RunReconciler`;
+- ``nomad-events``: Nomad's event stream feeding the job cache, waking runs;
+- ``watch-run``: the store's Run watch (creations, cancels, runner reports).
+
+Flow objects are not watched: a run carries a snapshot of its flow's spec, so editing or
+deleting a flow never changes a run that exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from nomad_pipeline.controller.logstore import LogStore
+from nomad_pipeline.controller.manager import watch_store
+from nomad_pipeline.controller.runnertoken import load_or_create_secret
+from nomad_pipeline.controller.runtime import Controller, Request, Runnable
+from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.reconcilers.nomadwatch import JobCache, NomadEventSource, RunKey
+from nomad_pipeline.reconcilers.run import RUN_KIND, RunReconciler, RunSettings
+from nomad_pipeline.reconcilers.speclogs import LogCopier
+from nomad_pipeline.resources.kinds import Run
+from nomad_pipeline.store.interface import Store
+
+# Runs reconciled at once; each reconcile is short (a few awaits on the store and Nomad).
+RUN_WORKERS = 16
+
+
+class _LogCopierOwner:
+    """Keeps the log copier for the manager's lifetime and closes it on stop."""
+
+    def __init__(self, copier: LogCopier) -> None:
+        self._copier = copier
+
+    @property
+    def name(self) -> str:
+        return "run-logs"
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self._copier.close()
+
+
+@dataclass(slots=True)
+class RunController:
+    """The parts of the run controller, for tests and benchmarks that look inside."""
+
+    store: Store
+    reconciler: RunReconciler
+    controller: Controller
+    cache: JobCache
+    events: NomadEventSource
+    copier: LogCopier
+
+    @property
+    def runnables(self) -> list[Runnable]:
+        return [
+            _LogCopierOwner(self.copier),
+            self.controller,
+            self.events,
+            watch_store(self.store, Run, self.controller.enqueue),
+        ]
+
+
+class _ControllerConfig(Protocol):
+    @property
+    def data_dir(self) -> Path: ...
+
+
+class RunControllerContext(Protocol):
+    """What the factory reads of ``app.AppContext`` (structurally: reconcilers do not import
+    the composition root)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def nomad(self) -> NomadClient: ...
+
+    @property
+    def log_root(self) -> Path: ...
+
+    @property
+    def config(self) -> _ControllerConfig: ...
+
+    @property
+    def api_address(self) -> Callable[[], str | None]: ...
+
+
+def advertised(address: str | None) -> str | None:
+    """The API address as a runner on this host reaches it (a wildcard bind → loopback)."""
+    if address is None:
+        return None
+    for wildcard in ("0.0.0.0", "[::]"):
+        address = address.replace(f"//{wildcard}:", "//127.0.0.1:")
+    return address
+
+
+def build_run_controller(
+    store: Store,
+    nomad: NomadClient,
+    *,
+    log_root: Path,
+    settings: RunSettings,
+    workers: int = RUN_WORKERS,
+) -> RunController:
+    logs = LogStore(log_root)
+    controllers: list[Controller] = []
+
+    def enqueue(request: Request) -> None:
+        controllers[0].enqueue(request)
+
+    def wake(owner: RunKey) -> None:
+        enqueue(Request(RUN_KIND, owner[0], owner[1]))
+
+    cache = JobCache(wake)
+    copier = LogCopier(nomad, logs)
+    reconciler = RunReconciler(
+        store,
+        nomad,
+        cache=cache,
+        logs=logs,
+        copier=copier,
+        settings=settings,
+        enqueue=enqueue,
+    )
+    controller = Controller("runs", reconciler, workers=workers)
+    controllers.append(controller)
+    events = NomadEventSource(nomad, cache, wake)
+    return RunController(store, reconciler, controller, cache, events, copier)
+
+
+def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
+    """``app.RECONCILER_FACTORIES`` entry: the run controller's runnables (module docstring).
+
+    Reads (or creates) the runner token secret in the data directory, at start-up.
+    """
+    api_address = context.api_address
+    settings = RunSettings(
+        controller_address=lambda: advertised(api_address()),
+        runner_secret=load_or_create_secret(context.config.data_dir),
+    )
+    built = build_run_controller(
+        context.store, context.nomad, log_root=context.log_root, settings=settings
+    )
+    return built.runnables

@@ -1,0 +1,237 @@
+"""Copying specification steps' logs from Nomad into the controller's log store, live.
+
+One copier task per (step, allocation, stream) follows ``client/fs/logs`` and appends what
+arrives to ``<data-dir>/logs/runs/<ns>/<run>/<step>/logs/<stream>.log``. Nomad's followed
+stream never ends by itself (nomad-api.md §6.1), so the run reconciler calls
+:meth:`LogCopier.allocation_done` once the allocation is terminal; the copier then keeps reading
+until the stream has been quiet for ``drain_quiet`` seconds (Nomad batches output over ~200 ms)
+and hangs up.
+
+A restarted controller resumes where the file ends: for each allocation the copier remembers,
+in ``.copy-offsets.json`` beside the log files, how long the file was when that allocation's
+copy began (earlier attempts of the step wrote before it), so Nomad's ``offset`` is the file's
+length minus that base and nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from nomad_pipeline.controller.logstore import LogStore
+from nomad_pipeline.errors import NomadPipelineError, NotFound
+from nomad_pipeline.nomad.client import NomadClient
+
+logger = logging.getLogger(__name__)
+
+Stream = Literal["stdout", "stderr"]
+STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+OFFSETS_FILE = ".copy-offsets.json"
+
+# A log request before the task started answers 404; retry until it has.
+_NOT_STARTED_RETRY_SECONDS = 0.1
+_RETRY_CAP_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogSource:
+    namespace: str
+    run: str
+    step: str
+    nomad_namespace: str
+    alloc_id: str
+    task: str
+
+
+@dataclass(slots=True)
+class _Copy:
+    source: LogSource
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class LogCopier:
+    """Owns every copier task; ``close()`` cancels them (the files keep what was copied)."""
+
+    def __init__(
+        self, nomad: NomadClient, logs: LogStore, *, drain_quiet: float = 0.4, drain_max: float = 5
+    ) -> None:
+        self._nomad = nomad
+        self._logs = logs
+        self._drain_quiet = drain_quiet
+        self._drain_max = drain_max
+        self._copies: dict[tuple[str, str, str, str], _Copy] = {}
+        self.requests = 0
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def start(self, source: LogSource) -> None:
+        """Start copying ``source`` unless it is already being copied."""
+        key = (source.namespace, source.run, source.step, source.alloc_id)
+        if key in self._copies:
+            return
+        copy = _Copy(source)
+        self._copies[key] = copy
+        for stream in STREAMS:
+            task = asyncio.create_task(
+                self._copy(copy, stream), name=f"logs-{source.run}-{source.step}-{stream}"
+            )
+            copy.tasks.append(task)
+            task.add_done_callback(functools.partial(self._finished, key))
+
+    def copying(self, namespace: str, run: str, step: str, alloc_id: str) -> bool:
+        return (namespace, run, step, alloc_id) in self._copies
+
+    def allocation_done(self, namespace: str, run: str, step: str, alloc_id: str) -> None:
+        """The allocation is terminal: drain what is left, then stop."""
+        copy = self._copies.get((namespace, run, step, alloc_id))
+        if copy is not None:
+            copy.done.set()
+
+    def stop_run(self, namespace: str, run: str) -> None:
+        """Drain and stop every copy of a run (cancelled or deleted)."""
+        for (ns, run_name, _step, _alloc), copy in list(self._copies.items()):
+            if ns == namespace and run_name == run:
+                copy.done.set()
+
+    async def close(self) -> None:
+        tasks = [task for copy in self._copies.values() for task in copy.tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._copies.clear()
+
+    def _finished(self, key: tuple[str, str, str, str], _task: asyncio.Task[None]) -> None:
+        copy = self._copies.get(key)
+        if copy is not None and all(task.done() for task in copy.tasks):
+            del self._copies[key]
+            source = copy.source
+            # Followers of `logs -f` end once both streams are drained.
+            task = asyncio.create_task(
+                self._logs.mark_step_finished(source.namespace, source.run, source.step),
+                name=f"logs-finished-{source.run}-{source.step}",
+            )
+            task.add_done_callback(_log_failure)
+
+    async def _copy(self, copy: _Copy, stream: Stream) -> None:
+        source = copy.source
+        path = self._logs.path(source.namespace, source.run, source.step, stream)
+        delay = _NOT_STARTED_RETRY_SECONDS
+        while True:
+            offset = await asyncio.to_thread(_resume_offset, path, source.alloc_id, stream)
+            try:
+                finished = await self._follow(copy, stream, offset)
+            except asyncio.CancelledError:
+                raise
+            except NotFound:
+                # Not started yet, or garbage-collected; once the allocation is done, give up.
+                if copy.done.is_set():
+                    return
+                finished = False
+            except NomadPipelineError as error:
+                logger.warning(
+                    "log stream broke, resuming",
+                    extra={"alloc_id": source.alloc_id, "stream": stream, "error": str(error)},
+                )
+                finished = False
+            if finished:
+                return
+            if copy.done.is_set():
+                delay = min(delay, self._drain_quiet)
+            await _wait_or(copy.done, delay)
+            delay = min(delay * 2, _RETRY_CAP_SECONDS)
+
+    async def _follow(self, copy: _Copy, stream: Stream, offset: int) -> bool:
+        """Copy until drained after the allocation ended (True) or the stream ended (False).
+
+        A pump task reads Nomad's stream into a queue, so waiting for "more data or the end of
+        the allocation" never cancels a read in the middle of the HTTP stream.
+        """
+        source = copy.source
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                self.requests += 1
+                async for chunk in self._nomad.stream_logs(
+                    source.alloc_id,
+                    source.task,
+                    stream,
+                    namespace=source.nomad_namespace,
+                    offset=offset,
+                    follow=True,
+                ):
+                    queue.put_nowait(chunk)
+            finally:
+                queue.put_nowait(None)
+
+        pump_task = asyncio.create_task(pump(), name=f"logs-pump-{source.alloc_id}-{stream}")
+        loop = asyncio.get_running_loop()
+        drain_deadline: float | None = None
+        try:
+            while True:
+                chunk: bytes | None
+                if not copy.done.is_set():
+                    getter = asyncio.create_task(queue.get())
+                    ended = asyncio.create_task(copy.done.wait())
+                    await asyncio.wait({getter, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    ended.cancel()
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    chunk = getter.result()
+                else:
+                    if drain_deadline is None:
+                        drain_deadline = loop.time() + self._drain_max
+                    quiet = min(self._drain_quiet, max(0.0, drain_deadline - loop.time()))
+                    try:
+                        async with asyncio.timeout(quiet):
+                            chunk = await queue.get()
+                    except TimeoutError:
+                        return True
+                if chunk is None:
+                    await pump_task  # raises what broke the stream, if anything did
+                    return copy.done.is_set()
+                await self._logs.append(source.namespace, source.run, source.step, stream, chunk)
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, NomadPipelineError):
+                await pump_task
+
+
+async def _wait_or(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("marking a step's logs finished failed", exc_info=task.exception())
+
+
+def _resume_offset(path: Path, alloc_id: str, stream: Stream) -> int:
+    """Where Nomad's stream of ``alloc_id`` resumes: file length minus the allocation's base."""
+    size = path.stat().st_size if path.exists() else 0
+    offsets_path = path.parent / OFFSETS_FILE
+    try:
+        offsets = json.loads(offsets_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        offsets = {}
+    bases = offsets.setdefault(alloc_id, {})
+    if stream not in bases:
+        bases[stream] = size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = offsets_path.with_suffix(f".{stream}.tmp")
+        temporary.write_text(json.dumps(offsets))
+        temporary.replace(offsets_path)
+    return max(0, size - int(bases[stream]))

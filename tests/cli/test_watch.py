@@ -1,0 +1,78 @@
+"""``get -w`` as a real subprocess: a row per change until it is terminated."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from cli_harness import CLI_BINARY, Controller
+
+LINE_DEADLINE = 30.0
+
+NAMESPACE = """\
+apiVersion: nomad-pipeline.io/v1
+kind: Namespace
+metadata: {name: team-a}
+spec: {description: team a}
+"""
+
+
+def flow(name: str, label: str) -> str:
+    return f"""\
+apiVersion: nomad-pipeline.io/v1
+kind: Flow
+metadata: {{name: {name}, namespace: team-a, labels: {{team: {label}}}}}
+spec:
+  inline:
+    steps:
+      - {{name: build, run: "echo build"}}
+"""
+
+
+async def read_line(stream: asyncio.StreamReader) -> str:
+    line = await asyncio.wait_for(stream.readline(), timeout=LINE_DEADLINE)
+    assert line, "the watch ended before printing the expected row"
+    return line.decode()
+
+
+async def test_get_watch_prints_new_rows_for_changes(
+    controller: Controller, tmp_path: Path
+) -> None:
+    await controller.cli("apply", "-f", "-", stdin=NAMESPACE)
+    await controller.cli("apply", "-f", "-", stdin=flow("build-test", "a"))
+    watcher = await asyncio.create_subprocess_exec(
+        str(CLI_BINARY),
+        "get",
+        "flows",
+        "-n",
+        "team-a",
+        "-w",
+        "-o",
+        "wide",
+        "--addr",
+        controller.addr,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert watcher.stdout is not None
+    try:
+        header = await read_line(watcher.stdout)
+        assert header.split()[:2] == ["NAME", "TYPE"]
+        first = await read_line(watcher.stdout)
+        assert first.split()[0] == "build-test"
+        assert "team=a" in first
+
+        changed = await controller.cli("apply", "-f", "-", stdin=flow("build-test", "b"))
+        assert changed.out == "flow.nomad-pipeline.io/build-test configured\n"
+        modified = await read_line(watcher.stdout)
+        assert modified.split()[0] == "build-test"
+        assert "team=b" in modified
+
+        await controller.cli("apply", "-f", "-", stdin=flow("deploy", "c"))
+        added = await read_line(watcher.stdout)
+        assert added.split()[0] == "deploy"
+        # Rows printed later keep the header's columns.
+        assert added.index("inline") == header.index("TYPE")
+    finally:
+        watcher.terminate()
+        await watcher.wait()

@@ -1,0 +1,170 @@
+"""The composition root: configuration, start/stop, reconciler registration, the dev stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+from controller_api_helpers import API, inline_flow, namespace
+
+from nomad_pipeline.app import (
+    AppContext,
+    ControllerApp,
+    ControllerConfig,
+    DevStack,
+    JsonFormatter,
+    parse_http_addr,
+)
+from nomad_pipeline.controller.manager import watch_store
+from nomad_pipeline.controller.runtime import Controller, Request, Result, Runnable
+from nomad_pipeline.errors import Invalid
+from nomad_pipeline.resources.kinds import Flow
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("http://0.0.0.0:9000", ("0.0.0.0", 9000)),
+        ("http://localhost:8080/", ("localhost", 8080)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("[::1]:0", ("::1", 0)),
+    ],
+)
+def test_http_addr_forms(text: str, expected: tuple[str, int]) -> None:
+    assert parse_http_addr(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8080", "localhost", "http://host:port", "host:99999"])
+def test_bad_http_addr_is_refused(text: str) -> None:
+    with pytest.raises(Invalid) as raised:
+        parse_http_addr(text)
+    assert raised.value.field == "http_addr"
+
+
+def test_nomad_settings_default_from_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NOMAD_ADDR", "http://nomad.example:4646")
+    monkeypatch.setenv("NOMAD_TOKEN", "secret")
+    config = ControllerConfig(data_dir=tmp_path)
+    assert (config.nomad_addr, config.nomad_token) == ("http://nomad.example:4646", "secret")
+    monkeypatch.delenv("NOMAD_ADDR")
+    monkeypatch.delenv("NOMAD_TOKEN")
+    config = ControllerConfig(data_dir=tmp_path)
+    assert (config.nomad_addr, config.nomad_token) == ("http://127.0.0.1:4646", None)
+    with pytest.raises(Invalid):
+        ControllerConfig(data_dir=tmp_path, state_backend="etcd")  # type: ignore[arg-type]
+
+
+class FlowCounter:
+    """A reconciler recording which flows it saw, to show the wiring end to end."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.changed = asyncio.Event()
+
+    async def reconcile(self, request: Request) -> Result:
+        self.seen.add(request.name)
+        self.changed.set()
+        return Result()
+
+
+async def test_controller_app_serves_and_runs_registered_reconcilers(tmp_path: Path) -> None:
+    counter = FlowCounter()
+    contexts: list[AppContext] = []
+
+    def flows(context: AppContext) -> Sequence[Runnable]:
+        contexts.append(context)
+        controller = Controller("flows", counter, workers=2)
+        return [controller, watch_store(context.store, Flow, controller.enqueue)]
+
+    app = ControllerApp(
+        ControllerConfig(data_dir=tmp_path, http_addr="127.0.0.1:0"),
+        reconciler_factories=[flows],
+        api_routes=[],
+    )
+    address = await app.start()
+    try:
+        assert contexts[0].log_root == tmp_path / "logs"
+        assert (tmp_path / "logs").is_dir()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(address + "/readyz") as response:
+                assert response.status == 200
+            async with session.get(f"{address}{API}/namespaces/default") as response:
+                assert response.status == 200, "the default namespace exists from the start"
+            body = {"items": [namespace("ci"), inline_flow("build", "ci")]}
+            async with session.put(f"{address}{API}/apply", json=body) as response:
+                assert response.status == 200, await response.text()
+        async with asyncio.timeout(5):
+            while "build" not in counter.seen:
+                counter.changed.clear()
+                await counter.changed.wait()
+    finally:
+        await app.stop()
+    await app.stop()  # idempotent
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(address + "/healthz")
+
+
+async def test_failed_start_releases_what_it_started(tmp_path: Path) -> None:
+    def broken(context: AppContext) -> Sequence[Runnable]:
+        raise RuntimeError("cannot build")
+
+    app = ControllerApp(
+        ControllerConfig(data_dir=tmp_path, http_addr="127.0.0.1:0"),
+        reconciler_factories=[broken],
+        api_routes=[],
+    )
+    with pytest.raises(RuntimeError, match="cannot build"):
+        await app.start()
+    with pytest.raises(RuntimeError):
+        _ = app.store
+
+
+def test_json_log_lines_carry_extra_fields() -> None:
+    record = logging.LogRecord(
+        "nomad_pipeline.x", logging.INFO, __file__, 1, "run started", None, None
+    )
+    record.run = "01j0"
+    record.namespace = "default"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "run started"
+    assert (line["run"], line["namespace"], line["level"]) == ("01j0", "default", "info")
+
+
+async def test_dev_stack_keeps_objects_across_restarts(tmp_path: Path) -> None:
+    """The dev stack runs the controller on the dev agent with the nomad-vars backend."""
+    stack = DevStack(data_dir=tmp_path, port=0, nomad_port=0)
+    address, nomad_address = await stack.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = {"items": [namespace("ci"), inline_flow("build", "ci")]}
+            async with session.put(f"{address}{API}/apply", json=body) as response:
+                assert response.status == 200, await response.text()
+            async with session.get(
+                f"{nomad_address}/v1/vars", params={"prefix": "nomad-pipeline"}
+            ) as response:
+                paths = [variable["Path"] for variable in await response.json()]
+            assert any("build" in path for path in paths), paths
+    finally:
+        await stack.stop()
+
+    stack = DevStack(data_dir=tmp_path, port=0, nomad_port=0)
+    address, _ = await stack.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{address}{API}/namespaces/ci/flows/build") as response,
+        ):
+            assert response.status == 200, await response.text()
+            flow = await response.json()
+        assert flow["spec"]["inline"]["steps"][0]["run"] == "echo hello"
+    finally:
+        await stack.stop()
