@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
-from nomad_pipeline.controller.api import runs
+from nomad_pipeline.controller.api import logs, runnerapi, runs
 from nomad_pipeline.controller.api.app import ApiServer, RouteSetup, build_api, start_api
 from nomad_pipeline.controller.manager import Manager
 from nomad_pipeline.controller.runtime import Runnable
@@ -122,7 +122,7 @@ ReconcilerFactory = Callable[[AppContext], Sequence[Runnable]]
 # controller with its watch sources.
 RECONCILER_FACTORIES: list[ReconcilerFactory] = [run_controller_factory]
 # Route setups added to the API beside the native and seed routes (runs, logs, runner, webhooks).
-API_ROUTES: list[RouteSetup] = [runs.setup]
+API_ROUTES: list[RouteSetup] = [runs.setup, logs.setup, runnerapi.setup]
 
 
 class ControllerApp:

@@ -147,7 +147,7 @@ class LogStore:
         directory = (
             self._run_dir(namespace, run) if step is None else self._step_dir(namespace, run, step)
         )
-        return await asyncio.to_thread(directory.is_dir)
+        return await asyncio.to_thread(self._is_dir, directory)
 
     async def follow(
         self,
@@ -227,8 +227,7 @@ class LogStore:
     async def delete_run(self, namespace: str, run: str) -> None:
         """Remove every log of the run; its followers end. Deleting twice is not an error."""
         run_dir = self._run_dir(namespace, run)
-        # rmtree never follows symlinks, and the run directory itself was checked to be ours.
-        await asyncio.to_thread(shutil.rmtree, run_dir, ignore_errors=True)
+        await asyncio.to_thread(self._remove_tree, run_dir)
         steps = {key[2] for key in self._shared.files if key[:2] == (namespace, run)}
         for step in steps:
             await self.mark_step_finished(namespace, run, step)
@@ -262,16 +261,17 @@ class LogStore:
             / validate_log_id(namespace, "namespace")
             / validate_log_id(run, "run id")
         )
-        self._check_inside_root(directory)
         return directory
 
     def _step_dir(self, namespace: str, run: str, step: str) -> Path:
-        directory = self._run_dir(namespace, run) / validate_log_id(step, "step id")
-        self._check_inside_root(directory)
-        return directory
+        return self._run_dir(namespace, run) / validate_log_id(step, "step id")
 
     def _check_inside_root(self, path: Path) -> None:
-        """Refuse a path whose existing part resolves outside the root (a planted symlink)."""
+        """Refuse a path whose existing part resolves outside the root (a planted symlink).
+
+        Names are validated before (no "..", no "/"), so only a symlink can lead out. This
+        touches the disk: it runs in the worker threads, right before the access it guards.
+        """
         root = self._root.resolve()
         if not path.resolve().is_relative_to(root):
             raise Invalid(f"log path {path} resolves outside the log directory {root}")
@@ -311,8 +311,8 @@ class LogStore:
         finally:
             os.close(descriptor)
 
-    @staticmethod
-    def _read(path: Path, offset: int, limit: int | None) -> bytes:
+    def _read(self, path: Path, offset: int, limit: int | None) -> bytes:
+        self._check_inside_root(path.parent)
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -321,8 +321,8 @@ class LogStore:
             handle.seek(offset)
             return handle.read() if limit is None else handle.read(limit)
 
-    @staticmethod
-    def _read_seq(path: Path) -> int:
+    def _read_seq(self, path: Path) -> int:
+        self._check_inside_root(path.parent)
         try:
             text = path.read_text().strip()
         except FileNotFoundError:
@@ -341,8 +341,17 @@ class LogStore:
         temporary.write_text(f"{seq}\n")
         os.replace(temporary, path)
 
-    @staticmethod
-    def _size(path: Path) -> int:
+    def _is_dir(self, directory: Path) -> bool:
+        self._check_inside_root(directory)
+        return directory.is_dir()
+
+    def _remove_tree(self, directory: Path) -> None:
+        self._check_inside_root(directory)
+        # rmtree never follows symlinks inside the tree.
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def _size(self, path: Path) -> int:
+        self._check_inside_root(path.parent)
         try:
             return path.lstat().st_size
         except FileNotFoundError:

@@ -111,6 +111,7 @@ class StateStore:
         self._pending: list[tuple[list[Change], int, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._wake_writer = asyncio.Event()
+        self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -130,14 +131,12 @@ class StateStore:
 
     async def close(self) -> None:
         if self._writer is not None:
+            # The writer drains what was committed, then exits. It is never cancelled mid-write:
+            # a cancelled to_thread keeps running and would race the next use of the connection.
+            self._closing = True
             self._wake_writer.set()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await self._writer
             self._writer = None
-            # Whatever was committed but not yet written still reaches the disk.
-            if self._pending:
-                await asyncio.to_thread(self._write_batch, self._take_pending())
         if self._db is not None:
             db, self._db = self._db, None
             await asyncio.to_thread(db.close)
@@ -150,7 +149,8 @@ class StateStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(
-            "CREATE TABLE IF NOT EXISTS rows (tbl TEXT, key TEXT, value TEXT, PRIMARY KEY(tbl, key))"
+            "CREATE TABLE IF NOT EXISTS rows"
+            " (tbl TEXT, key TEXT, value TEXT, PRIMARY KEY(tbl, key))"
         )
         db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER)")
         return db
@@ -176,7 +176,13 @@ class StateStore:
         """The index of the last change to any of ``tables`` (X-Nomad-Index of a list)."""
         return max(self._table_index[t] for t in tables)
 
-    async def wait(self, tables: tuple[str, ...], min_index: int, timeout: float) -> None:
+    # A blocking query's ``wait`` is a deadline the caller passes through, hence ``timeout``.
+    async def wait(
+        self,
+        tables: tuple[str, ...],
+        min_index: int,
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
         """Block until one of ``tables`` changed past ``min_index``, or ``timeout`` passes.
 
         "No guarantee of change", as Nomad: callers re-read and compare content.
@@ -223,11 +229,13 @@ class StateStore:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            batch = self._take_pending()
-            if not batch:
+            if not self._pending:
+                if self._closing:
+                    return
+                await self._wake_writer.wait()
+                self._wake_writer.clear()
                 continue
+            batch = self._take_pending()
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except Exception as exc:  # a failed disk write must fail the writes, not hang them

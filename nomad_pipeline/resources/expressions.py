@@ -20,6 +20,7 @@ and anything else is an error.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -395,8 +396,12 @@ class Expression:
         return truthy(self.evaluate(context))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_expression(source: str) -> Expression:
-    """Parse ``source``; ``Invalid`` names what is wrong and the 1-based position."""
+    """Parse ``source``; ``Invalid`` names what is wrong and the 1-based position.
+
+    Cached: every stored run re-validates its flow snapshot, and Expressions are immutable.
+    """
     return Expression(source, _Parser(source).parse())
 
 

@@ -23,7 +23,13 @@ from datetime import datetime
 from typing import Any, ClassVar, Literal, Self
 
 from croniter import croniter
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.durations import Duration
@@ -351,7 +357,8 @@ class FlowSpec(StrictModel):
                 if needed not in seen:
                     raise FieldError(where, f"unknown step {needed!r}")
         _check_acyclic(self.dependencies(), section, self.step_names)
-        ancestors = _ancestors(self.dependencies())
+        has_conditions = any(step.condition for step in steps)
+        ancestors = _ancestors(self.dependencies()) if has_conditions else {}
         declared = set(names)
         for index, step in enumerate(steps):
             if step.condition is not None:
@@ -529,6 +536,8 @@ class RunSpec(StrictModel):
 
 
 class StepStatus(StrictModel):
+    """One step of a run. Every field is on the wire, null included (checks read them all)."""
+
     name: str
     phase: Phase = "pending"
     nomad_job_id: str | None = None
@@ -539,6 +548,13 @@ class StepStatus(StrictModel):
     start_time: datetime | None = None
     end_time: datetime | None = None
     message: str = ""
+
+    @model_serializer(mode="wrap")
+    def _every_field(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in type(self).model_fields:
+            data.setdefault(name, None)
+        return data
 
 
 class RunStatus(Status):

@@ -53,23 +53,33 @@ class Manifest:
 
 
 def load_paths(
-    paths: Sequence[Path | str], *, recursive: bool = False, cwd: Path | None = None
+    paths: Sequence[Path | str],
+    *,
+    recursive: bool = False,
+    cwd: Path | None = None,
+    confine_to: Path | None = None,
 ) -> list[Manifest]:
-    """Load every manifest in ``paths`` (files, directories, or ``-`` for stdin), in order."""
+    """Load every manifest in ``paths`` (files, directories, or ``-`` for stdin), in order.
+
+    ``confine_to`` refuses jobspec paths that lead outside that directory; GitOps sync passes
+    its checkout so a repository cannot make the controller read (and publish) its own files.
+    """
     cwd = Path.cwd() if cwd is None else Path(cwd)
     manifests: list[Manifest] = []
     for given in paths:
         if str(given) == "-":
-            manifests.extend(load_text(sys.stdin.read(), filename=STDIN, cwd=cwd))
+            manifests.extend(
+                load_text(sys.stdin.read(), filename=STDIN, cwd=cwd, confine_to=confine_to)
+            )
             continue
         path = Path(given)
         full = path if path.is_absolute() else cwd / path
         if full.is_dir():
             for file in _manifest_files(full, recursive):
                 shown = str(path / file.relative_to(full))
-                manifests.extend(_load_file(file, shown, cwd))
+                manifests.extend(_load_file(file, shown, cwd, confine_to))
         elif full.is_file():
-            manifests.extend(_load_file(full, str(path), cwd))
+            manifests.extend(_load_file(full, str(path), cwd, confine_to))
         else:
             raise Invalid(f"{given}: no such file or directory", field="filename")
     return manifests
@@ -81,10 +91,12 @@ def load_text(
     filename: str = STDIN,
     base_dir: Path | None = None,
     cwd: Path | None = None,
+    confine_to: Path | None = None,
 ) -> list[Manifest]:
     """Load manifests from ``text``; the format follows ``filename``'s suffix, else the content.
 
-    ``base_dir`` (the manifest's directory) and then ``cwd`` resolve relative jobspec paths.
+    ``base_dir`` (the manifest's directory) and then ``cwd`` resolve relative jobspec paths;
+    ``confine_to`` as in :func:`load_paths`.
     """
     cwd = Path.cwd() if cwd is None else Path(cwd)
     bases = [base for base in (base_dir, cwd) if base is not None]
@@ -94,8 +106,8 @@ def load_text(
         documents = _data_documents(text, filename)
     manifests: list[Manifest] = []
     for document, prefix, data, base in documents:
-        obj = parse_object(data, source=prefix, base=base)
-        resolve_job_sources(obj, bases=bases, prefix=prefix)
+        obj = _parse(data, prefix, base)
+        resolve_job_sources(obj, bases=bases, prefix=prefix, base=base, confine_to=confine_to)
         manifests.append(Manifest(obj=obj, source=filename, document=document))
     return manifests
 
@@ -110,33 +122,29 @@ def parse_object(
 ) -> Resource:
     """Validate one object (a dict as decoded from JSON or YAML) into its kind.
 
-    ``source`` prefixes error messages (the API server passes ""); a source naming a file gets
-    ``: document N`` appended unless it already says where (as the loaders do).
+    Errors read ``<source>: document <document>: <field>: <problem>``; without a ``source``
+    (the API server's bodies) just ``<field>: <problem>``. ``base`` is where the object sits in
+    its document (``("items", 2)`` for a List's third item) and prefixes every field path.
     """
-    prefix = source
-    if source and not source.endswith(("]", ")")) and ": " not in source:
-        prefix = f"{source}: document {document}"
+    prefix = f"{source}: document {document}" if source else ""
+    return _parse(data, prefix, base, ignore_status=ignore_status)
+
+
+def _parse(data: Any, prefix: str, base: Location, *, ignore_status: bool = True) -> Resource:
     where = field_path(base)
-    lead = ": ".join(part for part in (prefix, where) if part)
+    lead = "".join(f"{part}: " for part in (prefix, where) if part)
     if not isinstance(data, dict):
-        raise Invalid(
-            f"{lead + ': ' if lead else ''}expected an object, got {_type_name(data)}",
-            field=where or None,
-        )
+        raise Invalid(f"{lead}expected an object, got {_type_name(data)}", field=where or None)
     kind_name = data.get("kind")
     known = ", ".join(KINDS)
     kind_field = field_path([*base, "kind"])
+    lead = f"{prefix}: " if prefix else ""
     if kind_name is None:
-        raise Invalid(
-            f"{lead + ': ' if lead else ''}{kind_field}: field required (one of {known})",
-            field=kind_field,
-        )
+        raise Invalid(f"{lead}{kind_field}: field required (one of {known})", field=kind_field)
     kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
     if kind is None:
         raise Invalid(
-            f"{lead + ': ' if lead else ''}{kind_field}: unknown kind {kind_name!r} "
-            f"(one of {known})",
-            field=kind_field,
+            f"{lead}{kind_field}: unknown kind {kind_name!r} (one of {known})", field=kind_field
         )
     body = {key: value for key, value in data.items() if not (ignore_status and key == "status")}
     try:
@@ -145,27 +153,49 @@ def parse_object(
         raise invalid_from(error, prefix=prefix, base=base) from None
 
 
-def resolve_job_sources(obj: Resource, *, bases: Sequence[Path], prefix: str = "") -> None:
+def resolve_job_sources(
+    obj: Resource,
+    *,
+    bases: Sequence[Path],
+    prefix: str = "",
+    base: Location = (),
+    confine_to: Path | None = None,
+) -> None:
     """Fill ``job.source`` of every specification step that has a ``path`` and no source yet.
 
     A relative path is tried against each of ``bases`` in order; the error lists every path
-    tried. The API server calls this with its own working directory for seed-style requests.
+    tried. With ``confine_to``, a path that resolves outside that directory is refused.
     """
     if not isinstance(obj, Flow) or obj.spec.specification is None:
         return
-    _load_sources(obj.spec.specification, bases, prefix)
+    _load_sources(obj.spec.specification, bases, prefix, base, confine_to)
 
 
-def _load_sources(specification: SpecificationSpec, bases: Sequence[Path], prefix: str) -> None:
+def _load_sources(
+    specification: SpecificationSpec,
+    bases: Sequence[Path],
+    prefix: str,
+    base: Location,
+    confine_to: Path | None,
+) -> None:
+    lead = f"{prefix}: " if prefix else ""
     for index, step in enumerate(specification.steps):
         job = step.job
         if job.path is None or job.source is not None:
             continue
-        field = f"spec.specification.steps[{index}].job.path"
+        field = field_path([*base, "spec", "specification", "steps", index, "job", "path"])
         relative = Path(job.path)
-        candidates = [relative] if relative.is_absolute() else [base / relative for base in bases]
+        candidates = [relative] if relative.is_absolute() else [root / relative for root in bases]
+        if confine_to is not None:
+            root = confine_to.resolve()
+            outside = [c for c in candidates if not c.resolve().is_relative_to(root)]
+            if outside and len(outside) == len(candidates):
+                raise Invalid(
+                    f"{lead}{field}: jobspec file {job.path!r} is outside {confine_to}",
+                    field=field,
+                )
+            candidates = [c for c in candidates if c not in outside]
         found = next((candidate for candidate in candidates if candidate.is_file()), None)
-        lead = f"{prefix}: " if prefix else ""
         if found is None:
             tried = ", ".join(str(candidate) for candidate in candidates) or job.path
             raise Invalid(
@@ -194,12 +224,12 @@ def _manifest_files(directory: Path, recursive: bool) -> list[Path]:
     return found
 
 
-def _load_file(path: Path, shown: str, cwd: Path) -> list[Manifest]:
+def _load_file(path: Path, shown: str, cwd: Path, confine_to: Path | None) -> list[Manifest]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise Invalid(f"{shown}: cannot read: {error}", field="filename") from None
-    return load_text(text, filename=shown, base_dir=path.parent, cwd=cwd)
+    return load_text(text, filename=shown, base_dir=path.parent, cwd=cwd, confine_to=confine_to)
 
 
 # Seed HCL starts (after comments) with a namespace, flow or trigger block.
@@ -291,11 +321,13 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, str | int | float | bool) and key in seen:
+        if not isinstance(key, str | int | float | bool):
+            continue  # construct_mapping reports unhashable keys itself
+        if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        seen.add(key) if isinstance(key, str | int | float | bool) else None
+        seen.add(key)
     return loader.construct_mapping(node, deep=True)
 
 

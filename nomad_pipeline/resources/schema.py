@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 from nomad_pipeline.resources.meta import API_VERSION
@@ -9,6 +11,12 @@ from nomad_pipeline.resources.registry import KINDS
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
+    """``{Kind: JSON Schema}``, a fresh copy each call (building them takes a while)."""
+    return copy.deepcopy(_build_schemas())
+
+
+@functools.cache
+def _build_schemas() -> dict[str, dict[str, Any]]:
     """``{Kind: JSON Schema}``; apiVersion and kind are constants, as an editor needs them.
 
     ``apiVersion`` may be left out of a manifest (it defaults to the one version there is).

@@ -8,6 +8,7 @@ lists and maps as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -24,8 +25,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_][A-Za-z0-9_-]*)+$"
 _PIECE = re.compile(r"\$\$\{|\$\{([^}\n]*)\}|\$\{")
 
 
-def _references(template: str) -> list[tuple[int, int, str | None]]:
-    """(start, end, name) of each ``${name}``; name None marks an escaped ``$${``."""
+@functools.lru_cache(maxsize=4096)
+def _references(template: str) -> tuple[tuple[int, int, str | None], ...]:
+    """(start, end, name) of each ``${name}``; name None marks an escaped ``$${``.
+
+    Cached: stored runs re-validate their flow snapshot's templates on every load.
+    """
     found: list[tuple[int, int, str | None]] = []
     for match in _PIECE.finditer(template):
         text = match.group()
@@ -50,7 +55,7 @@ def _references(template: str) -> list[tuple[int, int, str | None]]:
                 f"{', '.join(sorted(TEMPLATE_ROOTS))}{hint}; write $${{ for a literal ${{"
             )
         found.append((match.start(), match.end(), name))
-    return found
+    return tuple(found)
 
 
 def template_names(template: str) -> list[str]:

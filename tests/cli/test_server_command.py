@@ -8,6 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
+import aiohttp
 from cli_harness import CLI_BINARY, run_cli
 
 from nomad_pipeline.cli.main import main
@@ -73,3 +74,62 @@ def test_server_rejects_a_bad_address_in_one_line() -> None:
     assert code == 1
     assert err.getvalue().startswith("error: Invalid: http address 'nonsense' must look like")
     assert len(err.getvalue().splitlines()) == 1
+
+
+async def test_dev_nomad_prints_its_address_and_answers_nomad_api(tmp_path: Path) -> None:
+    agent = await asyncio.create_subprocess_exec(
+        str(CLI_BINARY),
+        "dev-nomad",
+        "--port",
+        "0",
+        "--in-memory",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert agent.stdout is not None
+    try:
+        line = await asyncio.wait_for(agent.stdout.readline(), START_DEADLINE)
+        address = line.decode().strip()
+        assert address.startswith("http://127.0.0.1:")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{address}/v1/status/leader") as response,
+        ):
+            assert response.status == 200
+            assert (await response.json()).endswith(":4647")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(agent.wait(), START_DEADLINE)
+    assert agent.returncode == 0
+
+
+async def test_dev_runs_agent_and_controller_together(tmp_path: Path) -> None:
+    port, nomad_port = free_port(), free_port()
+    addr = f"http://127.0.0.1:{port}"
+    stack = await asyncio.create_subprocess_exec(
+        str(CLI_BINARY),
+        "dev",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+        "--nomad-port",
+        str(nomad_port),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until_serving(addr, stack)
+        namespace = "apiVersion: nomad-pipeline.io/v1\nkind: Namespace\nmetadata: {name: dev}\n"
+        applied = await run_cli(addr, "apply", "-f", "-", stdin=namespace)
+        assert (applied.code, applied.err) == (0, "")
+        # The controller keeps its objects as Nomad variables in the dev agent.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{nomad_port}/v1/vars") as response,
+        ):
+            paths = [variable["Path"] for variable in await response.json()]
+        assert any(path.endswith("/dev") for path in paths), paths
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(stack.wait(), START_DEADLINE)
+    assert stack.returncode == 0

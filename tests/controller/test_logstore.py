@@ -215,3 +215,17 @@ async def test_delete_run_removes_logs_and_ends_followers(tmp_path: Path) -> Non
     assert await store.read("ns", "other", "step", "stdout") == b"y"
     assert not await store.exists("ns", "run")
     await store.delete_run("ns", "run")
+
+
+async def test_stores_over_one_root_share_their_followers(tmp_path: Path) -> None:
+    api_side = LogStore(tmp_path / "logs")
+    reconciler_side = LogStore(tmp_path / "logs")
+    ended = asyncio.Event()
+    follower = asyncio.create_task(
+        collect(api_side.follow("ns", "run", "step", "stdout", until=ended)), name="follower"
+    )
+    await reconciler_side.append("ns", "run", "step", "stdout", b"copied from nomad\n")
+    await reconciler_side.mark_step_finished("ns", "run", "step")
+    async with asyncio.timeout(5):
+        assert await follower == b"copied from nomad\n"
+    assert api_side.step_finished("ns", "run", "step")

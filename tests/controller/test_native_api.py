@@ -405,3 +405,16 @@ async def test_openapi_document_lists_routes_and_kind_schemas(api: Api) -> None:
     for reference in set(part.split('"')[0] for part in text.split('"$ref": "')[1:]):
         name = reference.removeprefix("#/components/schemas/")
         assert name in schemas, reference
+
+
+async def test_lists_show_current_objects_after_changes(api: Api) -> None:
+    await api.apply(inline_flow("a"), inline_flow("b"))
+    _, first = await api.call("GET", f"{API}/namespaces/default/flows")
+    await api.apply(inline_flow("a", run="echo new"))
+    await api.call("DELETE", f"{API}/namespaces/default/flows/b")
+    _, second = await api.call("GET", f"{API}/namespaces/default/flows")
+    assert [item["metadata"]["name"] for item in second["items"]] == ["a"]
+    assert second["items"][0]["spec"]["inline"]["steps"][0]["run"] == "echo new"
+    _, got = await api.call("GET", f"{API}/namespaces/default/flows/a")
+    assert second["items"][0] == got
+    assert int(second["metadata"]["resource_version"]) > int(first["metadata"]["resource_version"])

@@ -108,7 +108,7 @@ async def test_dispatch_errors_are_nomads(
 
 async def test_dispatch_of_unknown_plain_or_stopped_jobs(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as engine:
-        with pytest.raises(NomadHTTPError, match="^parameterized job not found$"):
+        with pytest.raises(NomadHTTPError, match=r"^parameterized job not found$"):
             await engine.dispatch_job("default", "none", payload=None, meta={})
         await engine.register_job("default", batch_job("plain"))
         with pytest.raises(NomadHTTPError, match='Specified job "plain" is not a parameterized'):

@@ -626,3 +626,22 @@ def test_kinds_are_resources() -> None:
     for kind in KINDS.values():
         assert issubclass(kind, Resource)
         assert kind.model_fields["kind"].default == kind.KIND
+
+
+def test_run_steps_carry_every_field_on_the_wire() -> None:
+    run = Run.model_validate(yaml.safe_load(RUN))
+    [step] = run.to_wire()["status"]["steps"]
+    assert set(step) == {
+        "name",
+        "phase",
+        "nomad_job_id",
+        "nomad_namespace",
+        "alloc_id",
+        "exit_code",
+        "attempts",
+        "start_time",
+        "end_time",
+        "message",
+    }
+    assert step["exit_code"] is None
+    assert step["phase"] == "running"

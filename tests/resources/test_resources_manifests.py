@@ -453,3 +453,33 @@ def test_example_manifests_load(tmp_path: Path) -> None:
     for obj in loaded.values():
         [again] = load_text(yaml.safe_dump(obj.to_wire()), filename="again.yaml")
         assert again.obj.spec == obj.spec
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside.nomad.hcl", "/etc/hostname", "jobs/../../outside.nomad.hcl"]
+)
+def test_confined_loading_refuses_paths_outside(tmp_path: Path, path: str) -> None:
+    _write(tmp_path / "outside.nomad.hcl", 'job "secret" {}')
+    _write(tmp_path / "repo" / "flow.yaml", SPEC_WITH_PATH.replace("jobs/one.nomad.hcl", path))
+    repo = tmp_path / "repo"
+    with pytest.raises(Invalid) as caught:
+        load_paths([repo], cwd=repo, confine_to=repo)
+    assert caught.value.field == "spec.specification.steps[0].job.path"
+    assert f"is outside {repo}" in caught.value.message
+
+
+def test_confined_loading_reads_paths_inside(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _write(repo / "flows" / "flow.yaml", SPEC_WITH_PATH)
+    _write(repo / "flows" / "jobs" / "one.nomad.hcl", 'job "inside" {}')
+    [manifest] = load_paths(["flows"], cwd=repo, confine_to=repo)
+    assert isinstance(manifest.obj, Flow) and manifest.obj.spec.specification is not None
+    assert manifest.obj.spec.specification.steps[0].job.source == 'job "inside" {}'
+
+
+def test_list_item_paths_include_the_item(tmp_path: Path) -> None:
+    flow = yaml.safe_load(SPEC_WITH_PATH)
+    _write(tmp_path / "list.yaml", yaml.safe_dump({"kind": "List", "items": [flow]}))
+    with pytest.raises(Invalid) as caught:
+        load_paths(["list.yaml"], cwd=tmp_path)
+    assert caught.value.field == "items[0].spec.specification.steps[0].job.path"

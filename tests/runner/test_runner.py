@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from runner_harness import DEADLINE, Controller
 
-from nomad_pipeline.resources.kinds import Run
+from nomad_pipeline.controller.runnertoken import load_or_create_secret, runner_token
+from nomad_pipeline.resources.kinds import Run, StepStatus
 
 StartRunner = Callable[..., Any]
 
@@ -292,3 +294,57 @@ async def test_a_wrong_token_is_refused(controller: Controller, start_runner: St
     assert await runner.wait() == 2
     assert "Unauthorized" in runner.stderr_text or "401" in runner.stderr_text
     assert phases(await controller.run()) == {}
+
+
+async def test_a_printed_line_reaches_a_tail_client_quickly(
+    controller: Controller, start_runner: StartRunner
+) -> None:
+    # The step prints its clock 20 times; a `logs -f`-style client notes when each line lands.
+    script = "for i in $(seq 1 20); do date +%s.%N; sleep 0.05; done"
+    await controller.create_run([{"name": "ticks", "run": script}])
+    runner = await start_runner(controller)
+    latencies: list[float] = []
+    async with (
+        aiohttp.ClientSession(controller.address) as session,
+        session.get("/v1/runs/01run/logs", params={"step_id": "ticks", "tail": "true"}) as response,
+    ):
+        async with asyncio.timeout(DEADLINE):
+            async for line in response.content:
+                latencies.append(time.time() - float(line))
+    assert await runner.wait() == 0, runner.stderr_text
+    assert len(latencies) == 20
+    latencies.sort()
+    # p90 rather than the maximum: the machine running the tests is shared and busy.
+    assert latencies[17] < 0.25, latencies
+
+
+async def test_a_restarted_runner_skips_finished_steps_and_continues_the_sequence(
+    controller: Controller, start_runner: StartRunner
+) -> None:
+    run = await controller.create_run(
+        [{"name": "done", "run": "echo again"}, {"name": "todo", "run": "echo todo"}]
+    )
+    finished = run.model_copy(deep=True)
+    finished.status.steps = [
+        StepStatus(name="done", phase="success", exit_code=0, attempts=1),
+        StepStatus(name="todo"),
+    ]
+    await controller.store.update_status(finished)
+    await controller.log_store.set_report_seq("default", "01run", 41)
+
+    runner = await start_runner(controller)
+    assert await runner.wait() == 0, runner.stderr_text
+    assert phases(await controller.run()) == {"done": "success", "todo": "success"}
+    assert await controller.log("done") == ""
+    assert await controller.log("todo") == "todo\n"
+    assert await controller.log_store.report_seq("default", "01run") > 41
+
+
+def test_the_token_secret_survives_a_restart(tmp_path: Path) -> None:
+    first = load_or_create_secret(tmp_path / "data")
+    assert load_or_create_secret(tmp_path / "data") == first
+    assert (tmp_path / "data" / "runner-token.key").stat().st_mode & 0o777 == 0o600
+    token = runner_token(first, "default", "01run")
+    assert len(token) == 64
+    assert token != runner_token(first, "default", "01other")
+    assert token != runner_token(first, "other", "01run")

@@ -122,8 +122,9 @@ def build_plan(run: Run, *, last_seq: int) -> RunnerPlan:
         )
         for step in flow_spec.inline.steps
     ]
+    # The flow's defaults for what the run leaves unset (as the run reconciler computes them).
     variables = {v.name: v.default for v in flow_spec.variables if v.default is not None}
-    variables.update(run.spec.variables)
+    variables.update({k: v for k, v in run.spec.variables.items() if v is not None})
     completed = {
         status.name: StepOutcome.model_validate(
             {"phase": status.phase, "exit_code": status.exit_code}
