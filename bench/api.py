@@ -64,13 +64,30 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def report(name: str, samples: list[float]) -> None:
+def report(name: str, samples: list[float], server_cpu: float) -> None:
     milliseconds = [sample * 1000 for sample in samples]
     print(
-        f"{name:<28} n={len(samples):<5} p50={percentile(milliseconds, 0.5):8.2f} ms  "
+        f"{name:<24} n={len(samples):<5} p50={percentile(milliseconds, 0.5):8.2f} ms  "
         f"p99={percentile(milliseconds, 0.99):8.2f} ms  "
-        f"mean={statistics.mean(milliseconds):8.2f} ms"
+        f"mean={statistics.mean(milliseconds):8.2f} ms  "
+        f"server CPU/request={server_cpu * 1000 / len(samples):7.2f} ms"
     )
+
+
+async def measure(name: str, pid: int, count: int, call: Callable[[], Awaitable[None]]) -> None:
+    cpu_before = cpu_seconds(pid)
+    samples = await timed(count, call)
+    report(name, samples, cpu_seconds(pid) - cpu_before)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (independent of other load on the machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def rss_megabytes(pid: int) -> float:
@@ -161,9 +178,9 @@ async def bench_memory(runs: int, workdir: Path) -> None:
                     assert response.status == 200
 
             await timed(20, get_one)  # warm-up
-            report("get run", await timed(1000, get_one))
-            report(f"list {runs} runs", await timed(20, list_all))
-            report("apply 1 run (create)", await timed(300, apply_one))
+            await measure("get run", process.pid, 1000, get_one)
+            await measure(f"list {runs} runs", process.pid, 20, list_all)
+            await measure("apply 1 run (create)", process.pid, 300, apply_one)
             print(
                 f"controller RSS with {runs + 300} runs cached: {rss_megabytes(process.pid):.0f} MB"
             )
@@ -209,7 +226,9 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="np-bench-") as directory:
         workdir = Path(directory)
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {load_average()}"
+        )
         await bench_memory(args.runs, workdir)
         if args.nomad_vars:
             await bench_nomad_vars(args.runs, workdir)

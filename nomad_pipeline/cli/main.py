@@ -50,7 +50,10 @@ def _global_options(*, suppress: bool) -> _Parser:
         help=f"controller API address (env {ADDR_ENV}, default {DEFAULT_ADDR})",
     )
     parser.add_argument(
-        "-n", "--namespace", default=default, help=f"namespace (default {DEFAULT_NAMESPACE})"
+        "-n",
+        "--namespace",
+        default=default,
+        help=f"namespace of the objects (default: {DEFAULT_NAMESPACE})",
     )
     parser.add_argument(
         "-A",
@@ -161,12 +164,21 @@ def _add_server_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     server.add_argument("--nomad-token", help="Nomad ACL token (env NOMAD_TOKEN)")
     server.add_argument("--state-backend", choices=["dev", "nomad-vars"], default="dev")
     server.add_argument("--log-format", choices=["text", "json"], default="text")
+    server.add_argument(
+        "--state-nomad-vars-cache-enabled",
+        nargs="?",
+        const="true",
+        metavar="BOOL",
+        help="the seed's flag, accepted so its command lines keep working: the nomad-vars "
+        "backend always serves reads from its cache",
+    )
 
     dev = commands.add_parser("dev", help="run a dev agent and a controller together")
     dev.set_defaults(server_handler=servers.dev_command)
     dev.add_argument("--data-dir", default="data")
     dev.add_argument("--port", type=int, default=8080, help="controller API port")
     dev.add_argument("--nomad-port", type=int, default=4646, help="dev agent's Nomad API port")
+    dev.add_argument("--log-format", choices=["text", "json"], default="text")
 
     # The dev agent parses its own options ([--bind] [--port] [--data-dir | --in-memory]
     # [--node-name] [--acl-token], and --help): they are handed over as given.

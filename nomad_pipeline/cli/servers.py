@@ -31,7 +31,12 @@ def server_command(args: argparse.Namespace) -> int:
 def dev_command(args: argparse.Namespace) -> int:
     from nomad_pipeline.app import DevStack
 
-    stack = DevStack(data_dir=Path(args.data_dir), port=args.port, nomad_port=args.nomad_port)
+    stack = DevStack(
+        data_dir=Path(args.data_dir),
+        port=args.port,
+        nomad_port=args.nomad_port,
+        log_format=args.log_format,
+    )
     asyncio.run(stack.serve())
     return 0
 

@@ -8,6 +8,7 @@ addition, so sources of events stop before the controllers they feed, and server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -131,8 +132,10 @@ class StoreWatchSource:
         self.relists += 1
         for obj in listed.items:
             self._emit(obj)
-        async for event in self._store.watch(self._kind, since=listed.resource_version):
-            self._emit(event.object)
+        events = self._store.watch(self._kind, since=listed.resource_version)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                self._emit(event.object)
 
     def _emit(self, obj: Resource) -> None:
         for request in self._to_requests(obj):

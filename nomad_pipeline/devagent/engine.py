@@ -77,6 +77,8 @@ class _Txn:
         self._event_types: dict[tuple[str, str], str] = {}
         self.extra_events: list[Event] = []
         self.touched_jobs: set[str] = set()
+        # Rows put in this transaction, by (table, job key): the overlay of the engine's index.
+        self._added: dict[tuple[str, str], set[str]] = {}
         self.evals_to_run: list[Obj] = []
 
     def get(self, table: str, key: str) -> Obj | None:
@@ -89,7 +91,9 @@ class _Txn:
         if event_type is not None:
             self._event_types[(table, key)] = event_type
         if table in ("allocs", "evals") and value is not None:
-            self.touched_jobs.add(row_key(value["Namespace"], value["JobID"]))
+            job_key = row_key(value["Namespace"], value["JobID"])
+            self.touched_jobs.add(job_key)
+            self._added.setdefault((table, job_key), set()).add(key)
         elif table == "jobs":
             self.touched_jobs.add(key)
 
@@ -99,20 +103,14 @@ class _Txn:
             self.evals_to_run.append(evaluation)
 
     def job_allocs(self, job_key: str) -> list[Obj]:
-        ids = set(self.engine.allocs_by_job.get(job_key, ()))
-        ids.update(
-            k
-            for (t, k), v in self._puts.items()
-            if t == "allocs" and v is not None and row_key(v["Namespace"], v["JobID"]) == job_key
+        ids = self.engine.allocs_by_job.get(job_key, set()) | self._added.get(
+            ("allocs", job_key), set()
         )
         return [a for a in (self.get("allocs", i) for i in ids) if a is not None]
 
     def job_evals(self, job_key: str) -> list[Obj]:
-        ids = set(self.engine.evals_by_job.get(job_key, ()))
-        ids.update(
-            k
-            for (t, k), v in self._puts.items()
-            if t == "evals" and v is not None and row_key(v["Namespace"], v["JobID"]) == job_key
+        ids = self.engine.evals_by_job.get(job_key, set()) | self._added.get(
+            ("evals", job_key), set()
         )
         return [e for e in (self.get("evals", i) for i in ids) if e is not None]
 
@@ -858,14 +856,23 @@ class Engine:
 
     async def _eval_loop(self) -> None:
         while True:
-            eval_id = await self._eval_queue.get()
+            batch = [await self._eval_queue.get()]
+            while not self._eval_queue.empty():
+                batch.append(self._eval_queue.get_nowait())
             try:
-                await self._process_eval(eval_id)
+                await self._process_evals(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("evaluation failed", extra={"eval_id": eval_id})
-                await self._fail_eval(eval_id)
+                # Retry one by one so a single bad evaluation fails alone.
+                for eval_id in batch:
+                    try:
+                        await self._process_evals([eval_id])
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("evaluation failed", extra={"eval_id": eval_id})
+                        await self._fail_eval(eval_id)
 
     async def _fail_eval(self, eval_id: str) -> None:
         evaluation = self.state.get("evals", eval_id)
@@ -885,15 +892,28 @@ class Engine:
         )
         await txn.commit()
 
-    async def _process_eval(self, eval_id: str) -> None:
-        evaluation = self.state.get("evals", eval_id)
-        if evaluation is None or evaluation["Status"] != "pending":
-            return
+    async def _process_evals(self, eval_ids: list[str]) -> None:
+        """Plan every queued evaluation into one commit (Nomad's plan applier batches too)."""
         txn = _Txn(self, "PlanResult")
-        job_key = row_key(evaluation["Namespace"], evaluation["JobID"])
-        job = self.state.get("jobs", job_key)
         placed: list[Obj] = []
         stopped: list[str] = []
+        for eval_id in eval_ids:
+            self._plan(txn, eval_id, placed, stopped)
+        await txn.commit()
+        for alloc in placed:
+            self._start_runner(alloc)
+        for alloc_id in stopped:
+            runner = self._runners.get(alloc_id)
+            if runner is not None:
+                runner.request_stop()
+
+    def _plan(self, txn: _Txn, eval_id: str, placed: list[Obj], stopped: list[str]) -> None:
+        """Reconcile one evaluation's job against its allocations, inside ``txn``."""
+        evaluation = txn.get("evals", eval_id)
+        if evaluation is None or evaluation["Status"] != "pending":
+            return
+        job_key = row_key(evaluation["Namespace"], evaluation["JobID"])
+        job = txn.get("jobs", job_key)
         allocs = txn.job_allocs(job_key)
         if job is not None:
             allocs = [a for a in allocs if _same_instance(a, job)]
@@ -972,13 +992,6 @@ class Engine:
             txn.put_eval(blocked, "EvaluationUpdated")
             completed["BlockedEval"] = blocked["ID"]
         txn.put_eval(completed, "EvaluationUpdated")
-        await txn.commit()
-        for alloc in placed:
-            self._start_runner(alloc)
-        for alloc_id in stopped:
-            runner = self._runners.get(alloc_id)
-            if runner is not None:
-                runner.request_stop()
 
     def _reconcile_group(
         self,

@@ -201,7 +201,8 @@ def _log_files(root: Path, task: str, log_type: str) -> list[Path]:
     if not logs.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in logs.iterdir() if (m := pattern.match(p.name))]
-    return [path for _, path in sorted(found)]
+    # A task could swap its log file for a symlink: only files inside the directory count.
+    return [path for _, path in sorted(found) if root in path.resolve().parents]
 
 
 def _start_cursor(files: list[Path], origin: str, offset: int) -> _Cursor:

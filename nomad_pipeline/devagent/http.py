@@ -487,7 +487,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.Response(text="Invalid method", status=405, content_type="text/plain")
     except web.HTTPNotFound:
         return web.Response(text="404 page not found\n", status=404, content_type="text/plain")
-    except web.HTTPException:
+    except (web.HTTPException, ConnectionResetError):
+        # A reader that hung up mid-stream: the response is already gone, nothing to answer.
         raise
     except Exception as exc:
         logger.exception("request failed", extra={"path": request.path})

@@ -34,6 +34,7 @@ from pydantic import (
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.durations import Duration
 from nomad_pipeline.resources.expressions import KNOWN_ROOTS, parse_expression
+from nomad_pipeline.resources.jsonpath import parse_json_path
 from nomad_pipeline.resources.meta import Resource, Status, StrictModel
 from nomad_pipeline.resources.templates import template_names
 from nomad_pipeline.resources.validation import FieldError
@@ -336,50 +337,66 @@ class FlowSpec(StrictModel):
     def _consistent(self) -> Self:
         if (self.inline is None) == (self.specification is None):
             raise ValueError("exactly one of inline or specification is required")
-        section: tuple[str | int, ...] = (
+        section: tuple[str, str] = (
             ("inline", "steps") if self.inline is not None else ("specification", "steps")
         )
+        self._check_unique_names(section)
+        self._check_needs(section)
+        self._check_references(section)
+        return self
+
+    def _check_unique_names(self, section: tuple[str, str]) -> None:
         names = [variable.name for variable in self.variables]
         for index, name in enumerate(names):
             if name in names[:index]:
                 raise FieldError(("variables", index, "name"), f"duplicate variable {name!r}")
-        steps = self.steps
         seen: set[str] = set()
-        for index, step in enumerate(steps):
+        for index, step in enumerate(self.steps):
             if step.name in seen:
                 raise FieldError((*section, index, "name"), f"duplicate step name {step.name!r}")
             seen.add(step.name)
-        for index, step in enumerate(steps):
+
+    def _check_needs(self, section: tuple[str, str]) -> None:
+        known = set(self.step_names)
+        for index, step in enumerate(self.steps):
             for position, needed in enumerate(step.needs):
                 where = (*section, index, "needs", position)
                 if needed == step.name:
                     raise FieldError(where, f"step {step.name!r} cannot need itself")
-                if needed not in seen:
+                if needed not in known:
                     raise FieldError(where, f"unknown step {needed!r}")
         _check_acyclic(self.dependencies(), section, self.step_names)
+
+    def _check_references(self, section: tuple[str, str]) -> None:
+        """Conditions read declared variables and earlier steps; templates declared variables."""
+        declared = {variable.name for variable in self.variables}
+        steps = self.steps
         has_conditions = any(step.condition for step in steps)
         ancestors = _ancestors(self.dependencies()) if has_conditions else {}
-        declared = set(names)
+        templates: list[tuple[tuple[str | int, ...], str]] = []
         for index, step in enumerate(steps):
             if step.condition is not None:
                 for name in sorted(parse_expression(step.condition).names()):
                     problem = _reference_problem(name, declared, ancestors[step.name], step.name)
                     if problem:
                         raise FieldError((*section, index, "condition"), problem)
-            for field, template in _step_templates(step):
-                for name in template_names(template):
-                    problem = _reference_problem(name, declared, set(), step.name)
-                    if problem:
-                        raise FieldError((*section, index, *field), problem)
+            templates.extend(
+                ((*section, index, *field), text) for field, text in _step_templates(step)
+            )
         if self.inline is not None:
             for index, artifact in enumerate(self.inline.runner.artifacts):
-                texts = [artifact.source, artifact.destination, *artifact.options.values()]
-                for template in texts:
-                    for name in template_names(template):
-                        problem = _reference_problem(name, declared, set(), None)
-                        if problem:
-                            raise FieldError(("inline", "runner", "artifacts", index), problem)
-        return self
+                artifact_at = ("inline", "runner", "artifacts", index)
+                templates.append(((*artifact_at, "source"), artifact.source))
+                templates.append(((*artifact_at, "destination"), artifact.destination))
+                templates.extend(
+                    ((*artifact_at, "options", key), value)
+                    for key, value in artifact.options.items()
+                )
+        for location, template in templates:
+            for name in template_names(template):
+                problem = _reference_problem(name, declared, set(), None)
+                if problem:
+                    raise FieldError(location, problem)
 
 
 def _step_templates(step: _StepBase) -> list[tuple[tuple[str, ...], str]]:
@@ -650,9 +667,6 @@ class SecretRef(StrictModel):
         return self
 
 
-_JSON_PATH = re.compile(r"^\$?(?:\.?[A-Za-z0-9_-]+|\[\d+\])+$")
-
-
 class WebhookSource(StrictModel):
     """``branches`` and ``paths`` are glob patterns; empty means any."""
 
@@ -674,11 +688,10 @@ class WebhookSource(StrictModel):
                 if getattr(self, field):
                     raise FieldError((field,), "only the generic provider uses this field")
         for name, expression in self.variables.items():
-            if not _JSON_PATH.match(expression):
-                raise FieldError(
-                    ("variables", name),
-                    f"invalid JSONPath-like expression {expression!r} (such as $.head_commit.id)",
-                )
+            try:
+                parse_json_path(expression)
+            except Invalid as error:
+                raise FieldError(("variables", name), error.message) from None
         return self
 
 

@@ -484,7 +484,7 @@ def _hcl_namespace(label: str | None, block: _Block) -> dict[str, Any]:
     return _envelope("Namespace", name, None, spec)
 
 
-_HCL_TYPES = {"set": "list", "tuple": "list", "any": "string"}
+_HCL_TYPES = {"set": "list", "tuple": "list"}
 
 
 def _hcl_type(value: Any) -> Any:

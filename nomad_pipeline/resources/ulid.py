@@ -7,6 +7,7 @@ incremented (the spec's monotonic mode), so names created by one process always 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import threading
@@ -74,3 +75,12 @@ def ulid_time(value: str) -> datetime:
     for char in value[:_TIME_CHARS]:
         millis = millis * 32 + ALPHABET.index(char)
     return datetime.fromtimestamp(millis / 1000, tz=UTC)
+
+
+def ulid_for(moment: datetime, seed: str) -> str:
+    """The ULID of ``moment`` whose random part is derived from ``seed``: the same inputs always
+    give the same name, so an object created twice for one event (a cron firing retried after a
+    crash) collides instead of duplicating."""
+    millis = int(moment.timestamp() * 1000)
+    random = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:10], "big")
+    return _encode(millis, _TIME_CHARS) + _encode(random, ULID_LENGTH - _TIME_CHARS)

@@ -100,20 +100,20 @@ class RunnerAgent:
                     await task
         for name in self._steps:
             if name not in self.outcomes:
-                await self._finish(
-                    name,
-                    StepOutcome(phase="cancelled"),
-                    "the runner was stopped before the step started",
+                never_started = StepOutcome(
+                    phase="cancelled", message="the runner was stopped before the step started"
                 )
+                await self._finish(name, never_started)
 
     async def _decide(self, running: Mapping[str, asyncio.Task[None]]) -> list[PlanStep]:
         """Skip or fail what can be decided (to a fixed point) and return the steps to start."""
         to_start: list[PlanStep] = []
+        starting: set[str] = set()
         changed = True
         while changed:
             changed = False
             for step in self._plan.steps:
-                if step.name in self.outcomes or step.name in running or step in to_start:
+                if step.name in self.outcomes or step.name in running or step.name in starting:
                     continue
                 phases = [self._phase(name) for name in step.after]
                 if step.condition is None:
@@ -122,6 +122,7 @@ class RunnerAgent:
                         changed = True
                     elif all(phase in _SUCCEEDED for phase in phases):
                         to_start.append(step)
+                        starting.add(step.name)
                     continue
                 if not all(phase in TERMINAL for phase in phases):
                     continue
@@ -130,13 +131,15 @@ class RunnerAgent:
                 except Exception as error:  # any evaluation error fails this step, not the runner
                     await self._finish(
                         step.name,
-                        StepOutcome(phase="failed"),
-                        f"condition {step.condition!r} failed: {error}",
+                        StepOutcome(
+                            phase="failed", message=f"condition {step.condition!r} failed: {error}"
+                        ),
                     )
                     changed = True
                     continue
                 if holds:
                     to_start.append(step)
+                    starting.add(step.name)
                 else:
                     await self._skip(step.name, f"condition {step.condition!r} is false")
                     changed = True
@@ -147,12 +150,19 @@ class RunnerAgent:
         return "pending" if outcome is None else outcome.phase
 
     def _context(self) -> dict[str, object]:
-        steps = {
-            name: {"status": self._phase(name), "exit_code": outcome.exit_code}
-            if (outcome := self.outcomes.get(name))
-            else {"status": "pending", "exit_code": None}
-            for name in self._steps
-        }
+        steps: dict[str, dict[str, object]] = {}
+        for name in self._steps:
+            outcome = self.outcomes.get(name)
+            steps[name] = (
+                {"status": "pending", "exit_code": None, "attempts": 0, "message": ""}
+                if outcome is None
+                else {
+                    "status": outcome.phase,
+                    "exit_code": outcome.exit_code,
+                    "attempts": outcome.attempts,
+                    "message": outcome.message,
+                }
+            )
         return evaluation_context(
             variables=self._plan.variables,
             steps=steps,
@@ -165,15 +175,15 @@ class RunnerAgent:
         try:
             script, step_env = render_step(step.run, step.env, self._context())
         except Invalid as error:
-            await self._finish(
-                step.name, StepOutcome(phase="failed"), f"cannot render the step: {error.message}"
-            )
+            message = f"cannot render the step: {error.message}"
+            await self._finish(step.name, StepOutcome(phase="failed", message=message))
             return
         env = {**self._base_env, **self._run_env, **step_env, "NP_STEP_NAME": step.name}
 
         async def output(stream: OutputStream, text: str) -> None:
             await self._reporter.emit(step.name, "log", stream=stream, data=text)
 
+        attempt = 0
         try:
             for attempt in range(1, attempts + 1):
                 await self._reporter.emit(step.name, "started", attempt=attempt)
@@ -187,19 +197,22 @@ class RunnerAgent:
                     kill_grace=self._settings.kill_grace,
                 )
                 if outcome.succeeded:
-                    await self._finish(step.name, StepOutcome(phase="success", exit_code=0), None)
+                    success = StepOutcome(phase="success", exit_code=0, attempts=attempt)
+                    await self._finish(step.name, success)
                     return
                 message = outcome.describe()
                 if outcome.timed_out:
                     message = f"timed out after {step.timeout_seconds:g}s"
                 if attempt == attempts:
-                    await self._finish(
-                        step.name,
-                        StepOutcome(phase="failed", exit_code=outcome.exit_code),
-                        message
-                        if attempts == 1
-                        else f"{message} (attempt {attempt} of {attempts})",
+                    if attempts > 1:
+                        message = f"{message} (attempt {attempt} of {attempts})"
+                    failure = StepOutcome(
+                        phase="failed",
+                        exit_code=outcome.exit_code,
+                        attempts=attempt,
+                        message=message,
                     )
+                    await self._finish(step.name, failure)
                     return
                 delay = min(
                     step.retry_backoff_seconds * 2 ** (attempt - 1),
@@ -212,20 +225,26 @@ class RunnerAgent:
                 )
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
-            await self._finish(
-                step.name, StepOutcome(phase="cancelled"), "cancelled: the runner was stopped"
+            cancelled = StepOutcome(
+                phase="cancelled", attempts=attempt, message="cancelled: the runner was stopped"
             )
+            await self._finish(step.name, cancelled)
             raise
 
     async def _skip(self, name: str, message: str) -> None:
-        self.outcomes[name] = StepOutcome(phase="skipped")
+        self.outcomes[name] = StepOutcome(phase="skipped", message=message)
         await self._reporter.emit(name, "skipped", message=message)
 
-    async def _finish(self, name: str, outcome: StepOutcome, message: str | None) -> None:
+    async def _finish(self, name: str, outcome: StepOutcome) -> None:
         self.outcomes[name] = outcome
         logger.info(
-            "step finished", extra={"step": name, "phase": outcome.phase, "detail": message}
+            "step finished",
+            extra={"step": name, "phase": outcome.phase, "detail": outcome.message},
         )
         await self._reporter.emit(
-            name, "finished", phase=outcome.phase, exit_code=outcome.exit_code, message=message
+            name,
+            "finished",
+            phase=outcome.phase,
+            exit_code=outcome.exit_code,
+            message=outcome.message or None,
         )

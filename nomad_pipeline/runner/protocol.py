@@ -44,6 +44,8 @@ class PlanStep(_WireModel):
 class StepOutcome(_WireModel):
     phase: Literal["success", "failed", "skipped", "cancelled"]
     exit_code: int | None = None
+    attempts: int = 0
+    message: str = ""
 
 
 class RunnerPlan(_WireModel):

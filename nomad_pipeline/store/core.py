@@ -75,8 +75,16 @@ def storage_wire(obj: Resource) -> dict[str, Any]:
 
 def from_storage_wire(kind: type[R], wire: Mapping[str, Any], resource_version: int) -> R:
     """Parse what :func:`storage_wire` wrote; a missing namespace means cluster-scoped."""
-    obj = kind.model_validate(wire)
-    cluster_scoped = "namespace" not in wire.get("metadata", {})
+    return _stamped(kind.model_validate(wire), resource_version)
+
+
+def from_storage_json(kind: type[R], text: str | bytes, resource_version: int) -> R:
+    """:func:`from_storage_wire` straight from JSON text (pydantic parses it ~2x faster)."""
+    return _stamped(kind.model_validate_json(text), resource_version)
+
+
+def _stamped(obj: R, resource_version: int) -> R:
+    cluster_scoped = "namespace" not in obj.metadata.model_fields_set
     metadata = obj.metadata.model_copy(
         update={
             "resource_version": str(resource_version),
@@ -317,9 +325,9 @@ class CachingStore(ABC):
     ) -> None:
         self._cache = ObjectCache(history_size)
         self._clock = clock
-        # The classes callers asked for, by kind name: objects read from outside (nomad-vars)
+        # The classes callers asked for, by lower-case kind: objects read from outside (nomad-vars)
         # are parsed as these; others stay generic ``Resource`` models until asked for.
-        self._kinds: dict[str, type[Resource]] = {kind.KIND: kind for kind in kinds}
+        self._kinds: dict[str, type[Resource]] = {kind.KIND.lower(): kind for kind in kinds}
 
     @property
     def resource_version(self) -> int:
@@ -345,7 +353,7 @@ class CachingStore(ABC):
     # ---- reads -----------------------------------------------------------------------------
 
     def _current(self, kind: type[R], namespace: str, name: str) -> R | None:
-        self._kinds.setdefault(kind.KIND, kind)
+        self._kinds.setdefault(kind.KIND.lower(), kind)
         obj = self._cache.get(kind.KIND, scoped_namespace(kind, namespace), name)
         if obj is None:
             return None
@@ -371,7 +379,7 @@ class CachingStore(ABC):
         namespace: str | None = None,
         selector: Mapping[str, str] | None = None,
     ) -> ListResult[R]:
-        self._kinds.setdefault(kind.KIND, kind)
+        self._kinds.setdefault(kind.KIND.lower(), kind)
         scope = None if namespace is None else scoped_namespace(kind, namespace)
         return self._cache.list(kind, scope, selector)
 
@@ -386,7 +394,7 @@ class CachingStore(ABC):
         since: int = 0,
     ) -> AsyncIterator[WatchEvent]:
         if kind is not None:
-            self._kinds.setdefault(kind.KIND, kind)
+            self._kinds.setdefault(kind.KIND.lower(), kind)
         return self._cache.watch(kind, namespace, since)
 
     # ---- writes ----------------------------------------------------------------------------

@@ -31,13 +31,14 @@ from pydantic import ValidationError
 from nomad_pipeline.errors import Invalid, NomadPipelineError, NotFound, TooLarge
 from nomad_pipeline.nomad.client import JSON, NomadClient, VariableConflict
 from nomad_pipeline.resources.meta import Resource
+from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.core import (
     DEFAULT_HISTORY_SIZE,
     CachingStore,
     Clock,
     StaleCache,
     describe_object,
-    from_storage_wire,
+    from_storage_json,
     storage_wire,
     utc_now,
 )
@@ -75,7 +76,7 @@ class NomadVarsStore(CachingStore):
         *,
         namespace: str = "default",
         prefix: str = "nomad-pipeline",
-        kinds: Iterable[type[Resource]] = (),
+        kinds: Iterable[type[Resource]] = KINDS.values(),
         history_size: int = DEFAULT_HISTORY_SIZE,
         clock: Clock = utc_now,
         fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
@@ -134,13 +135,18 @@ class NomadVarsStore(CachingStore):
             )
         return {OBJECT_ITEM: text}
 
+    def _kind_of(self, variable: JSON) -> type[Resource]:
+        """The class for a variable's path (``<prefix>/flow/...`` → Flow), generic if unknown."""
+        segment = str(variable.get("Path", ""))[len(self._prefix) + 1 :].split("/", 1)[0]
+        return self._kinds.get(segment, Resource)
+
     def _decode(self, variable: JSON) -> Resource | None:
         """The object a variable holds, or None (logged) when it is not one of ours."""
         path = variable.get("Path", "")
         try:
-            wire = json.loads((variable.get("Items") or {})[OBJECT_ITEM])
-            kind = self._kinds.get(str(wire.get("kind", "")), Resource)
-            obj: Resource = from_storage_wire(kind, wire, int(variable["ModifyIndex"]))
+            text = (variable.get("Items") or {})[OBJECT_ITEM]
+            kind = self._kind_of(variable)
+            obj: Resource = from_storage_json(kind, text, int(variable["ModifyIndex"]))
         except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as error:
             logger.warning(
                 "skipping a Nomad variable that does not hold a valid object",

@@ -49,9 +49,9 @@ RouteSetups = Sequence[Callable[..., None]]
 
 
 async def start_controller(
-    tmp_path: Path, extra_routes: RouteSetups = ()
+    tmp_path: Path, extra_routes: RouteSetups = (), *, store: MemoryStore | None = None
 ) -> AsyncIterator[Controller]:
-    store = MemoryStore()
+    store = store or MemoryStore()
     await store.start()
     log_root = tmp_path / "logs"
     server = await start_api(build_api(store, log_root=log_root, extra_routes=extra_routes))

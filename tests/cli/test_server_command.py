@@ -22,6 +22,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+async def spawn(*argv: str, log: Path, stdout: int | None = None) -> asyncio.subprocess.Process:
+    """The CLI as a process; its stderr (the server's log) goes to ``log``, never to a pipe
+    nobody reads, which would block a chatty server once full."""
+    with log.open("wb") as stderr:
+        return await asyncio.create_subprocess_exec(
+            str(CLI_BINARY), *argv, stdout=stdout, stderr=stderr
+        )
+
+
 async def wait_until_serving(addr: str, server: asyncio.subprocess.Process) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + START_DEADLINE
@@ -36,8 +45,7 @@ async def wait_until_serving(addr: str, server: asyncio.subprocess.Process) -> N
 
 async def test_server_run_serves_the_api_and_stops_on_sigterm(tmp_path: Path) -> None:
     addr = f"http://127.0.0.1:{free_port()}"
-    server = await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
+    server = await spawn(
         "server",
         "run",
         "--http-addr",
@@ -48,7 +56,9 @@ async def test_server_run_serves_the_api_and_stops_on_sigterm(tmp_path: Path) ->
         "dev",
         "--log-format",
         "json",
-        stderr=asyncio.subprocess.PIPE,
+        # The seed's flag is accepted, so its command lines keep working.
+        "--state-nomad-vars-cache-enabled=true",
+        log=tmp_path / "server.log",
     )
     try:
         await wait_until_serving(addr, server)
@@ -77,14 +87,13 @@ def test_server_rejects_a_bad_address_in_one_line() -> None:
 
 
 async def test_dev_nomad_prints_its_address_and_answers_nomad_api(tmp_path: Path) -> None:
-    agent = await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
+    agent = await spawn(
         "dev-nomad",
         "--port",
         "0",
         "--in-memory",
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        log=tmp_path / "agent.log",
     )
     assert agent.stdout is not None
     try:
@@ -106,8 +115,7 @@ async def test_dev_nomad_prints_its_address_and_answers_nomad_api(tmp_path: Path
 async def test_dev_runs_agent_and_controller_together(tmp_path: Path) -> None:
     port, nomad_port = free_port(), free_port()
     addr = f"http://127.0.0.1:{port}"
-    stack = await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
+    stack = await spawn(
         "dev",
         "--data-dir",
         str(tmp_path / "data"),
@@ -115,7 +123,7 @@ async def test_dev_runs_agent_and_controller_together(tmp_path: Path) -> None:
         str(port),
         "--nomad-port",
         str(nomad_port),
-        stderr=asyncio.subprocess.PIPE,
+        log=tmp_path / "dev.log",
     )
     try:
         await wait_until_serving(addr, stack)

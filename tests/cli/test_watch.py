@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cli_harness import CLI_BINARY, Controller
+from cli_harness import CLI_BINARY, Controller, start_controller
+
+from nomad_pipeline.store.memory import MemoryStore
 
 LINE_DEADLINE = 30.0
 
@@ -76,3 +78,38 @@ async def test_get_watch_prints_new_rows_for_changes(
     finally:
         watcher.terminate()
         await watcher.wait()
+
+
+async def test_get_one_object_watch_recovers_from_an_expired_version(tmp_path: Path) -> None:
+    # The store keeps two events: the object's own version expires after a few other writes,
+    # so the watch starts with 410 Gone, re-lists and goes on.
+    async for controller in start_controller(tmp_path, store=MemoryStore(history_size=2)):
+        await controller.cli("apply", "-f", "-", stdin=NAMESPACE)
+        await controller.cli("apply", "-f", "-", stdin=flow("build-test", "a"))
+        for index in range(4):
+            await controller.cli("apply", "-f", "-", stdin=flow(f"other-{index}", "x"))
+        watcher = await asyncio.create_subprocess_exec(
+            str(CLI_BINARY),
+            "get",
+            "flow",
+            "build-test",
+            "-n",
+            "team-a",
+            "-w",
+            "-o",
+            "name",
+            "--addr",
+            controller.addr,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert watcher.stdout is not None
+        try:
+            assert await read_line(watcher.stdout) == "flow.nomad-pipeline.io/build-test\n"
+            await controller.cli("apply", "-f", "-", stdin=flow("other-4", "x"))
+            await controller.cli("apply", "-f", "-", stdin=flow("build-test", "b"))
+            # Only the watched object's change prints, not the other flow's.
+            assert await read_line(watcher.stdout) == "flow.nomad-pipeline.io/build-test\n"
+            assert watcher.returncode is None
+        finally:
+            watcher.terminate()
+            await watcher.wait()

@@ -193,7 +193,9 @@ async def test_job_evaluation_and_allocation_endpoints(contract: Contract, api: 
         "/evaluation/{evalID}/allocations",
     )
     contract.validate(
-        await api.ok("POST", f"/v1/allocation/{stub['ID']}/stop"), "/allocation/{allocID}/stop", "post"
+        await api.ok("POST", f"/v1/allocation/{stub['ID']}/stop"),
+        "/allocation/{allocID}/stop",
+        "post",
     )
     contract.validate(await api.ok("DELETE", "/v1/job/c-job"), "/job/{jobName}", "delete")
 

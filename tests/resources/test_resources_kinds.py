@@ -454,7 +454,7 @@ BAD_OBJECTS: list[tuple[dict[str, Any], str, str]] = [
                 }
             }
         ),
-        "spec.inline.runner.artifacts[0]",
+        "spec.inline.runner.artifacts[0].options.ref",
         "unknown variable 'x'",
     ),
     (

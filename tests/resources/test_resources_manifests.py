@@ -11,7 +11,7 @@ import yaml
 
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.kinds import Flow, Namespace, Trigger
-from nomad_pipeline.resources.manifests import load_paths, load_text, parse_object
+from nomad_pipeline.resources.manifests import Manifest, load_paths, load_text, parse_object
 from nomad_pipeline.resources.meta import Resource
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _names(manifests: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+def _names(manifests: list[Manifest]) -> list[tuple[str, str]]:
     return [(m.obj.kind, m.obj.metadata.name) for m in manifests]
 
 
@@ -362,6 +362,53 @@ def test_hcl_errors(text: str, message: str) -> None:
     with pytest.raises(Invalid) as caught:
         load_text(text, filename="f.hcl")
     assert caught.value.message.startswith(message), caught.value.message
+
+
+def test_hcl_trigger_options() -> None:
+    text = """
+trigger "hook" {
+  flow = "f"
+  source "gh" {
+    provider = "git-webhook"
+    config {
+      provider   = "github"
+      repository = "org/repo"
+      events     = ["push", "pull_request"]
+      branches   = ["main", "release/*"]
+      secret     = { from_env = "GITHUB_WEBHOOK_SECRET" }
+    }
+  }
+}
+trigger "nightly" {
+  namespace = "team-a"
+  flow      = "f"
+  source "cron" {
+    provider = "cron"
+    config {
+      crons              = ["0 3 * * *", "@hourly"]
+      timezone           = "America/New_York"
+      concurrency_policy = "replace"
+      starting_deadline  = "5m"
+    }
+  }
+}
+"""
+    hook, nightly = (m.obj for m in load_text(text, filename="t.hcl"))
+    assert isinstance(hook, Trigger) and hook.spec.source.webhook is not None
+    webhook = hook.spec.source.webhook
+    assert (webhook.provider, webhook.repository) == ("github", "org/repo")
+    assert webhook.events == ["push", "pull_request"]
+    assert webhook.branches == ["main", "release/*"]
+    assert webhook.secret is not None and webhook.secret.from_env == "GITHUB_WEBHOOK_SECRET"
+    assert isinstance(nightly, Trigger) and nightly.spec.source.cron is not None
+    assert nightly.metadata.namespace == "team-a"
+    cron = nightly.spec.source.cron
+    assert cron.schedules == ["0 3 * * *", "@hourly"]
+    assert (cron.timezone, cron.concurrency_policy, cron.starting_deadline) == (
+        "America/New_York",
+        "replace",
+        "5m",
+    )
 
 
 def test_hcl_extensions_and_templates_kept() -> None:

@@ -10,7 +10,7 @@ import pytest
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.durations import duration_seconds, parse_duration
 from nomad_pipeline.resources.meta import NAME_PATTERN
-from nomad_pipeline.resources.ulid import ULID_LENGTH, is_ulid, new_ulid, ulid_time
+from nomad_pipeline.resources.ulid import ULID_LENGTH, is_ulid, new_ulid, ulid_for, ulid_time
 
 
 def test_ulids_are_unique_sorted_and_valid_names() -> None:
@@ -77,3 +77,13 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(Invalid, match="invalid duration"):
         parse_duration(text)
+
+
+def test_ulid_for_is_deterministic_and_time_ordered() -> None:
+    moment = datetime(2026, 3, 29, 1, 0, tzinfo=UTC)
+    first = ulid_for(moment, "default/nightly@2026-03-29T01:00")
+    assert first == ulid_for(moment, "default/nightly@2026-03-29T01:00")
+    assert first != ulid_for(moment, "default/other@2026-03-29T01:00")
+    assert is_ulid(first)
+    assert ulid_time(first) == moment
+    assert ulid_for(moment + timedelta(minutes=1), "x") > ulid_for(moment, "x")

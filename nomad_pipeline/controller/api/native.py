@@ -97,9 +97,16 @@ class WireCache:
     def size(self, kind: type[Resource]) -> int:
         return len(self._entries.get(kind.KIND, {}))
 
-    def items_json(self, kind: type[Resource], items: list[Resource]) -> bytes:
+    def list_body(
+        self, kind: type[Resource], items: list[Resource], resource_version: int
+    ) -> bytes:
+        """The List document for ``items`` (all of ``kind``), serialising only what changed."""
         entries = self._entries.setdefault(kind.KIND, {})
-        parts: list[bytes] = []
+        head = (
+            f'{{"apiVersion":"{API_VERSION}","kind":"List",'
+            f'"metadata":{{"resource_version":"{resource_version}"}},"items":['
+        ).encode()
+        chunks: list[bytes] = [head]
         for obj in items:
             metadata = obj.metadata
             key = (metadata.namespace, metadata.name)
@@ -107,12 +114,15 @@ class WireCache:
             if entry is None or entry[0] != metadata.resource_version:
                 entry = (metadata.resource_version, _object_json(obj))
                 entries[key] = entry
-            parts.append(entry[1])
+            if len(chunks) > 1:
+                chunks.append(b",")
+            chunks.append(entry[1])
+        chunks.append(b"]}")
         # Deleted objects leave entries behind; once they could outnumber the live ones,
         # start afresh (the next lists re-serialise what they need).
         if len(entries) > 2 * max(len(items), self._minimum_capacity):
             entries.clear()
-        return b"[" + b",".join(parts) + b"]"
+        return b"".join(chunks)
 
 
 WIRE_CACHE = web.AppKey("wire_cache", WireCache)
@@ -122,14 +132,6 @@ def _object_json(obj: Resource) -> bytes:
     if not obj.metadata.namespace:
         return json.dumps(object_wire(obj), separators=(",", ":")).encode()
     return obj.__pydantic_serializer__.to_json(obj, by_alias=True, exclude_none=True)
-
-
-def list_body(items_json: bytes, resource_version: int) -> bytes:
-    head = (
-        f'{{"apiVersion":"{API_VERSION}","kind":"List",'
-        f'"metadata":{{"resource_version":"{resource_version}"}},"items":'
-    ).encode()
-    return head + items_json + b"}"
 
 
 def json_bytes_response(body: bytes, status: int = 200) -> web.Response:
@@ -158,8 +160,8 @@ async def _list_or_watch(
             since=parse_resource_version(request),
         )
     listed = await request.app[STORE].list(kind, namespace, selector)
-    items_json = request.app[WIRE_CACHE].items_json(kind, listed.items)
-    return json_bytes_response(list_body(items_json, listed.resource_version))
+    body = request.app[WIRE_CACHE].list_body(kind, listed.items, listed.resource_version)
+    return json_bytes_response(body)
 
 
 def _namespaced_kind(request: web.Request) -> type[Resource]:

@@ -127,7 +127,12 @@ def build_plan(run: Run, *, last_seq: int) -> RunnerPlan:
     variables.update({k: v for k, v in run.spec.variables.items() if v is not None})
     completed = {
         status.name: StepOutcome.model_validate(
-            {"phase": status.phase, "exit_code": status.exit_code}
+            {
+                "phase": status.phase,
+                "exit_code": status.exit_code,
+                "attempts": status.attempts,
+                "message": status.message,
+            }
         )
         for status in run.status.steps
         if status.phase in TERMINAL_PHASES

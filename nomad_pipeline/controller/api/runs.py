@@ -52,14 +52,20 @@ async def create_run(
     trigger: RunTrigger | None = None,
     rerun_of: str | None = None,
     from_failed: bool = False,
+    name: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Run:
-    """Create a run of ``flow`` (a snapshot of its spec) with checked ``variables``."""
+    """Create a run of ``flow`` (a snapshot of its spec) with checked ``variables``.
+
+    ``name`` (a ULID) makes creation idempotent for callers that may retry one event (triggers):
+    the second create raises AlreadyExists instead of starting a second run.
+    """
     checked = check_run_variables(flow.spec, variables)
     run = Run(
         metadata=ObjectMeta(
-            name=new_ulid(),
+            name=name or new_ulid(),
             namespace=flow.metadata.namespace,
-            labels={FLOW_LABEL: flow.metadata.name},
+            labels={**(labels or {}), FLOW_LABEL: flow.metadata.name},
         ),
         spec=RunSpec(
             flow=flow.metadata.name,

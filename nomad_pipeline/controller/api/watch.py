@@ -9,6 +9,7 @@ the client re-lists. There are no heartbeats: a line means a change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -60,10 +61,11 @@ async def stream_watch(
             for obj in listed.items:
                 await response.write(event_line("ADDED", object_wire(obj)))
             since = listed.resource_version
-        async for event in store.watch(kind, namespace, since):
-            if not matches(event.object.metadata.labels, selector):
-                continue
-            await response.write(event_line(event.type, object_wire(event.object)))
+        async with contextlib.aclosing(store.watch(kind, namespace, since)) as events:
+            async for event in events:
+                if not matches(event.object.metadata.labels, selector):
+                    continue
+                await response.write(event_line(event.type, object_wire(event.object)))
     except Gone as error:
         await response.write(event_line("ERROR", {"kind": "Status", **error.to_dict()}))
     except (ConnectionResetError, ConnectionError):

@@ -1,0 +1,318 @@
+"""The Trigger reconciler: cron schedules and git polling start runs; webhooks are routes.
+
+Level-triggered: the trigger's stored status (last and pending firing, last revision) plus the
+clock and the remote are the whole truth. A firing is recorded in the trigger's status first,
+with the resource-version precondition, so only one controller wins it; the run is then created
+under a name derived from the trigger and the firing (:func:`ulid_for`), so a crash between the
+two, or a second controller, re-creates the same name and gets AlreadyExists instead of a second
+run. After downtime at most one missed firing is made up (within ``starting_deadline``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from nomad_pipeline.controller.api.runs import create_run
+from nomad_pipeline.controller.manager import watch_store
+from nomad_pipeline.controller.runtime import Controller, Request, Result, Runnable
+from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, NotFound
+from nomad_pipeline.reconcilers.cronschedule import CronSchedule
+from nomad_pipeline.reconcilers.gitsource import Commit, GitError, GitMirrors
+from nomad_pipeline.resources.durations import parse_duration
+from nomad_pipeline.resources.kinds import (
+    TERMINAL_PHASES,
+    Flow,
+    Run,
+    RunTrigger,
+    Trigger,
+    TriggerStatus,
+)
+from nomad_pipeline.resources.meta import API_GROUP, Condition
+from nomad_pipeline.resources.ulid import ulid_for
+from nomad_pipeline.store.interface import Store
+
+logger = logging.getLogger(__name__)
+
+TRIGGER_LABEL = f"{API_GROUP}/trigger"
+TRIGGER_KIND = "Trigger"
+# A flow that does not exist yet may be applied soon (GitOps order); look again this often.
+MISSING_FLOW_RETRY = 30.0
+# Runs a cancel-before-replace retries against concurrent status writes.
+_WRITE_ATTEMPTS = 10
+
+
+def trigger_run_labels(trigger: Trigger) -> dict[str, str]:
+    return {TRIGGER_LABEL: trigger.metadata.name}
+
+
+def git_trigger_variables(url: str, branch: str, commit: Commit, before: str) -> dict[str, str]:
+    """The seed's ``trigger.*`` variables for a commit seen by polling (as a push would)."""
+    name = url.rstrip("/").removesuffix(".git").rsplit("/", 1)[-1]
+    owner = url.rstrip("/").removesuffix(".git").rsplit("/", 2)[-2] if "/" in url else ""
+    return {
+        "trigger.git_ref": f"refs/heads/{branch}",
+        "trigger.git_sha": commit.sha,
+        "trigger.git_before": before,
+        "trigger.git_repository": f"{owner}/{name}",
+        "trigger.git_pusher": commit.author,
+        "trigger.git_repo_name": name,
+        "trigger.git_repo_owner": owner,
+        "trigger.git_repo_url": url,
+        "trigger.git_commit_message": commit.message,
+        "trigger.git_commit_author": commit.author,
+        "trigger.git_commit_url": "",
+    }
+
+
+def _condition(
+    status: Literal["True", "False"], reason: str, message: str, now: datetime, generation: int
+) -> Condition:
+    return Condition(
+        type="Ready",
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+
+
+def _with_ready(status: TriggerStatus, condition: Condition) -> list[Condition]:
+    """Replace the Ready condition, keeping its transition time when its status is unchanged."""
+    current = status.condition("Ready")
+    if current is not None and current.status == condition.status:
+        condition = condition.model_copy(
+            update={"last_transition_time": current.last_transition_time}
+        )
+    return [c for c in status.conditions if c.type != "Ready"] + [condition]
+
+
+class TriggerReconciler:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        mirrors: GitMirrors,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._mirrors = mirrors
+        self._clock = clock
+
+    async def reconcile(self, request: Request) -> Result:
+        try:
+            trigger = await self._store.get(Trigger, request.namespace, request.name)
+        except NotFound:
+            return Result()
+        now = self._clock()
+        generation = trigger.metadata.generation
+        if trigger.spec.suspend:
+            await self._write_status(
+                trigger,
+                next_fire_time=None,
+                conditions=_with_ready(
+                    trigger.status, _condition("False", "Suspended", "suspended", now, generation)
+                ),
+            )
+            return Result()
+        source = trigger.spec.source
+        if source.cron is not None:
+            return await self._reconcile_cron(trigger, now)
+        if source.git is not None:
+            return await self._reconcile_git(trigger, now)
+        await self._write_status(
+            trigger,
+            conditions=_with_ready(
+                trigger.status,
+                _condition("True", "Listening", "waiting for webhook deliveries", now, generation),
+            ),
+        )
+        return Result()
+
+    # -- cron ------------------------------------------------------------------------------
+
+    async def _reconcile_cron(self, trigger: Trigger, now: datetime) -> Result:
+        cron = trigger.spec.source.cron
+        assert cron is not None
+        schedule = CronSchedule.parse(cron.schedules, cron.timezone)
+        status = trigger.status
+        if status.pending_fire_time is not None:
+            # Recorded but maybe not created (a crash in between): finish that firing first.
+            trigger = await self._fire(trigger, status.pending_fire_time, now)
+            status = trigger.status
+        since = status.last_fire_time or trigger.metadata.creation_timestamp or now
+        due = schedule.latest_due(since, now)
+        deadline = parse_duration(cron.starting_deadline) if cron.starting_deadline else None
+        if due is not None and deadline is not None and now - due > deadline:
+            logger.info(
+                "missed firing is past its starting deadline",
+                extra={"trigger": trigger.metadata.name, "scheduled": due.isoformat()},
+            )
+            trigger = await self._write_status(
+                trigger,
+                last_fire_time=due,
+                message=f"missed the firing at {due.isoformat()}: past the starting deadline",
+            )
+            due = None
+        if due is not None:
+            # Record first (CAS: only one controller wins), then create.
+            trigger = await self._write_status(trigger, pending_fire_time=due, last_fire_time=due)
+            trigger = await self._fire(trigger, due, now)
+        next_fire = schedule.next_after(now)
+        await self._write_status(
+            trigger,
+            next_fire_time=next_fire,
+            conditions=_with_ready(
+                trigger.status,
+                _condition(
+                    "True",
+                    "Scheduled",
+                    f"next firing at {next_fire.isoformat()}",
+                    now,
+                    trigger.metadata.generation,
+                ),
+            ),
+        )
+        return Result(requeue_after=max((next_fire - self._clock()).total_seconds(), 0.0))
+
+    async def _fire(self, trigger: Trigger, scheduled: datetime, now: datetime) -> Trigger:
+        """Start the run of a recorded firing, honouring the concurrency policy; clears it."""
+        cron = trigger.spec.source.cron
+        assert cron is not None
+        active = await self._active_runs(trigger)
+        if cron.concurrency_policy == "forbid" and active:
+            message = (
+                f"skipped the firing at {scheduled.isoformat()}: run {active[0].metadata.name} "
+                "is still active (concurrency_policy forbid)"
+            )
+            return await self._write_status(trigger, pending_fire_time=None, message=message)
+        if cron.concurrency_policy == "replace":
+            for run in active:
+                await self._cancel(run)
+        run_trigger = RunTrigger(type="cron", name=trigger.metadata.name, schedule_time=scheduled)
+        seed = f"{trigger.metadata.uid}/cron/{scheduled.isoformat()}"
+        run_name, message = await self._start_run(trigger, run_trigger, seed, scheduled, {})
+        return await self._write_status(
+            trigger, pending_fire_time=None, last_run=run_name, message=message
+        )
+
+    async def _active_runs(self, trigger: Trigger) -> list[Run]:
+        runs = await self._store.list(
+            Run, trigger.metadata.namespace, selector=trigger_run_labels(trigger)
+        )
+        return [run for run in runs.items if run.status.phase not in TERMINAL_PHASES]
+
+    async def _cancel(self, run: Run) -> None:
+        for _ in range(_WRITE_ATTEMPTS):
+            if run.spec.cancel or run.status.phase in TERMINAL_PHASES:
+                return
+            cancelled = run.model_copy(deep=True)
+            cancelled.spec.cancel = True
+            try:
+                await self._store.update(cancelled)
+                return
+            except Conflict:
+                run = await self._store.get(Run, run.metadata.namespace, run.metadata.name)
+        raise Conflict(f"run {run.metadata.namespace}/{run.metadata.name} kept changing")
+
+    async def _start_run(
+        self,
+        trigger: Trigger,
+        run_trigger: RunTrigger,
+        seed: str,
+        moment: datetime,
+        extra_variables: Mapping[str, Any],
+    ) -> tuple[str | None, str]:
+        """Create the run for one firing; (run name or None, a status message)."""
+        name = ulid_for(moment, seed)
+        namespace = trigger.metadata.namespace
+        try:
+            flow = await self._store.get(Flow, namespace, trigger.spec.flow)
+        except NotFound:
+            return None, f"flow {namespace}/{trigger.spec.flow} does not exist; no run started"
+        try:
+            await create_run(
+                self._store,
+                flow,
+                {**trigger.spec.variables, **extra_variables},
+                trigger=run_trigger,
+                name=name,
+                labels=trigger_run_labels(trigger),
+            )
+        except AlreadyExists:
+            pass  # this firing's run was created before a crash or by another controller
+        except Invalid as exc:
+            return None, f"no run started: {exc.message}"
+        logger.info("trigger started a run", extra={"trigger": trigger.metadata.name, "run": name})
+        return name, f"started run {name}"
+
+    # -- git polling -----------------------------------------------------------------------
+
+    async def _reconcile_git(self, trigger: Trigger, now: datetime) -> Result:
+        git = trigger.spec.source.git
+        assert git is not None
+        interval = parse_duration(git.interval).total_seconds()
+        try:
+            commit = await self._mirrors.resolve(git.url, branch=git.branch)
+        except GitError as exc:
+            await self._write_status(
+                trigger,
+                message=exc.message,
+                conditions=_with_ready(
+                    trigger.status,
+                    _condition(
+                        "False", "FetchFailed", exc.message, now, trigger.metadata.generation
+                    ),
+                ),
+            )
+            return Result(requeue_after=interval)
+        previous = trigger.status.last_revision
+        if previous is None:
+            # The first revision seen is the baseline, not a new commit.
+            trigger = await self._write_status(
+                trigger, last_revision=commit.sha, message=f"watching {git.branch} at {commit.sha}"
+            )
+        elif commit.sha != previous:
+            trigger = await self._write_status(trigger, last_revision=commit.sha)
+            run_trigger = RunTrigger(type="git", name=trigger.metadata.name, revision=commit.sha)
+            seed = f"{trigger.metadata.uid}/git/{commit.sha}"
+            variables = git_trigger_variables(git.url, git.branch, commit, previous)
+            run_name, message = await self._start_run(trigger, run_trigger, seed, now, variables)
+            trigger = await self._write_status(trigger, last_run=run_name, message=message)
+        await self._write_status(
+            trigger,
+            conditions=_with_ready(
+                trigger.status,
+                _condition("True", "Polling", f"at {commit.sha}", now, trigger.metadata.generation),
+            ),
+        )
+        return Result(requeue_after=interval)
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def _write_status(self, trigger: Trigger, **changes: Any) -> Trigger:
+        """Write status fields with the resource-version precondition; skip no-op writes.
+
+        ``last_run=None`` keeps the previous run (a firing that started nothing names none).
+        """
+        if changes.get("last_run", "") is None:
+            changes.pop("last_run")
+        updates = {"observed_generation": trigger.metadata.generation, **changes}
+        status = trigger.status.model_copy(update=updates)
+        if status == trigger.status:
+            return trigger
+        written = await self._store.update_status(trigger.model_copy(update={"status": status}))
+        return written
+
+
+def trigger_controller(
+    store: Store, *, mirrors: GitMirrors, clock: Callable[[], datetime], workers: int = 4
+) -> Sequence[Runnable]:
+    """The trigger controller and its store watch, ready for the manager."""
+    controller = Controller(
+        "triggers", TriggerReconciler(store, mirrors=mirrors, clock=clock), workers=workers
+    )
+    return [watch_store(store, Trigger, controller.enqueue), controller]
