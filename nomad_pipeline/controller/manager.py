@@ -8,9 +8,8 @@ addition, so sources of events stop before the controllers they feed, and server
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 
 from nomad_pipeline.controller.runtime import Request, Runnable
 from nomad_pipeline.errors import Gone
@@ -133,9 +132,13 @@ class StoreWatchSource:
         for obj in listed.items:
             self._emit(obj)
         events = self._store.watch(self._kind, since=listed.resource_version)
-        async with contextlib.aclosing(events):
+        try:
             async for event in events:
                 self._emit(event.object)
+        finally:
+            # Close the store's generator now (on cancel or Gone), not whenever it is collected.
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
 
     def _emit(self, obj: Resource) -> None:
         for request in self._to_requests(obj):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from nomad_pipeline.errors import Invalid, Unauthorized
+from nomad_pipeline.resources.jsonpath import extract
 
 Provider = Literal["github", "gitlab", "generic"]
 
@@ -226,35 +226,13 @@ def _parse_gitlab(body: bytes, headers: Mapping[str, str]) -> Delivery:
     return Delivery(event, delivery_id)
 
 
-_PATH_TOKEN = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]")
-
-
-def extract_path(payload: Any, expression: str) -> Any:
-    """A JSONPath-like lookup: ``$.head_commit.message``, ``commits[0].id``, ``a.b``.
-
-    Raises Invalid for a malformed expression; a path that is absent yields None.
-    """
-    text = expression.strip().removeprefix("$")
-    position, parts = 0, []
-    while position < len(text):
-        match = _PATH_TOKEN.match(text, position)
-        if match is None:
-            raise Invalid(
-                f"bad path expression {expression!r} at character {position + 1}",
-                field="variables",
-            )
-        parts.append(int(match.group(2)) if match.group(2) is not None else match.group(1))
-        position = match.end()
-    return _get(payload, *parts)
-
-
 def _parse_generic(
     body: bytes, headers: Mapping[str, str], variable_paths: Mapping[str, str]
 ) -> Delivery:
     payload = _decode(body)
     variables: dict[str, str] = {}
     for name, expression in variable_paths.items():
-        value = extract_path(payload, expression)
+        value = extract(payload, expression)
         variables[name] = value if isinstance(value, str) else json.dumps(value)
     ref = variables.get("git_ref", "")
     return Delivery("push", _header(headers, GENERIC_DELIVERY_HEADER), ref, variables)

@@ -518,8 +518,8 @@ class TaskRunner:
             self._driver_failure(f"file {command} not found under path {self.task_dir}")
             return False
         work_dir = config.get("work_dir") or str(self.task_dir)
-        if self._logs is None:
-            self._logs = await asyncio.to_thread(self._open_logs)
+        if self._logs is None and not self.task["LogConfig"].get("Disabled"):
+            self._logs = await asyncio.to_thread(self.open_logs)
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
@@ -545,10 +545,10 @@ class TaskRunner:
             os.close(err_write)
         loop = asyncio.get_running_loop()
         self._pipes_done = []
-        disabled = bool(self.task["LogConfig"].get("Disabled"))
-        for fd, log in ((out_read, self._logs[0]), (err_read, self._logs[1])):
+        logs: tuple[RotatingLog | None, RotatingLog | None] = self._logs or (None, None)
+        for fd, log in zip((out_read, err_read), logs, strict=True):
             done: asyncio.Future[None] = loop.create_future()
-            sink = _PipeSink(None if disabled else log, done)
+            sink = _PipeSink(log, done)
             await loop.connect_read_pipe(lambda sink=sink: sink, os.fdopen(fd, "rb", buffering=0))  # type: ignore[misc]
             self._pipes_done.append(done)
         self._exited.clear()
@@ -558,7 +558,13 @@ class TaskRunner:
         self.emit(task_event("Started", "Task started by client"), State="running")
         return True
 
-    def _open_logs(self) -> tuple[RotatingLog, RotatingLog]:
+    def preopen_logs(self) -> None:
+        """Open the log files ahead of the first start (blocking; called off the loop)."""
+        if self._logs is None and not self.task["LogConfig"].get("Disabled"):
+            self._logs = self.open_logs()
+
+    def open_logs(self) -> tuple[RotatingLog, RotatingLog]:
+        """Open the task's log files, continuing the newest rotated file; blocking."""
         logs_dir = self.owner.alloc_dir / "alloc" / "logs"
         config = self.task["LogConfig"]
         notify = self.owner.log_written
@@ -673,6 +679,12 @@ class AllocRunner:
         self._silent = False
         self._task_handles: list[asyncio.Task[None]] = []
 
+    def _prepare_dirs(self) -> None:
+        """Build the allocation directory and open every task's logs in one thread hop."""
+        build_alloc_dir(self.alloc_dir, list(self.tasks))
+        for runner in self.tasks.values():
+            runner.preopen_logs()
+
     def task_states(self) -> dict[str, Obj]:
         return {name: runner.state for name, runner in self.tasks.items()}
 
@@ -723,7 +735,7 @@ class AllocRunner:
     async def _run(self) -> None:
         for runner in self.tasks.values():
             runner.emit(task_event("Received", "Task received by client"))
-        await asyncio.to_thread(build_alloc_dir, self.alloc_dir, list(self.tasks))
+        await asyncio.to_thread(self._prepare_dirs)
         for runner in self.tasks.values():
             runner.emit(
                 task_event(

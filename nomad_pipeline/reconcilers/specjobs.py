@@ -9,8 +9,8 @@ What the controller changes in the user's jobspec, and why:
 - ``Type`` is forced to ``batch``: a step must end.
 - ``Meta`` gains ``nomad_pipeline_run``/``_namespace``/``_step``/``_attempt``: events and job
   listings map back to the run through them.
-- Every group's ``RestartPolicy`` and ``ReschedulePolicy`` are forced to zero attempts (fail
-  fast). Nomad's batch defaults would run a failing command up to 8 times over about two minutes;
+- Every group's (and task's) ``RestartPolicy`` and the groups' ``ReschedulePolicy`` are forced
+  to zero attempts (fail fast). Nomad's batch defaults would run a failing command up to 8 times over about two minutes;
   retries are the controller's business (the step's ``retries``, with backoff, each attempt a new
   job that is visible in the run's status), so Nomad must not retry behind its back.
 - Every task's ``Env`` gains the run's variables as ``NP_VAR_<NAME>`` (and ``NP_TRIGGER_<NAME>``
@@ -140,6 +140,9 @@ def render_spec_job(
         group["ReschedulePolicy"] = dict(RESCHEDULE_NEVER)
         for task in group.get("Tasks") or []:
             task["Env"] = {**(task.get("Env") or {}), **env}
+            # A task's own restart block overrides its group's (parsed jobspecs carry one per
+            # task once canonicalised), so it is forced to fail fast as well.
+            task["RestartPolicy"] = {**(task.get("RestartPolicy") or {}), **RESTART_FAIL_FAST}
     return rendered
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import deque
 from datetime import UTC, datetime
@@ -101,7 +102,13 @@ class ControllerClient:
                     raise ControllerUnreachableError(f"{method} {url}: {response.status} {text}")
                 if response.status >= 400:
                     raise TerminalError(f"{method} {url}: {response.status} {text}")
-                return await response.json(content_type=None)
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise TerminalError(
+                        f"{method} {url}: the controller answered {response.status} with a body "
+                        f"that is not JSON: {text[:200]!r}"
+                    ) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ControllerUnreachableError(f"{method} {url}: {error!r}") from error
 

@@ -158,8 +158,6 @@ def test_generic_extracts_variables_by_path() -> None:
         variable_paths={"git_sha": "$.head.sha", "message": "head.commits[0].msg", "n": "$.n"},
     )
     assert delivery.variables == {"git_sha": "abc", "message": "hi", "n": "3"}
-    with pytest.raises(Invalid, match="bad path expression"):
-        webhooks.extract_path({}, "$.a..b")
 
 
 @pytest.mark.parametrize(

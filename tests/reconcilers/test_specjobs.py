@@ -57,6 +57,7 @@ def test_render_spec_job_forces_identity_and_fail_fast_policies() -> None:
     assert group["RestartPolicy"]["Mode"] == "fail"
     assert group["ReschedulePolicy"] == {"Attempts": 0, "Unlimited": False}
     first, second = group["Tasks"]
+    assert first["RestartPolicy"]["Attempts"] == second["RestartPolicy"]["Attempts"] == 0
     assert first["Env"]["KEEP"] == "1"
     # Our identity wins over a user's variable of the same name.
     assert first["Env"]["NP_STEP"] == "test"

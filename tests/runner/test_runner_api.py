@@ -123,6 +123,9 @@ async def test_reports_are_applied_once_in_order(controller: Controller) -> None
             event(6, "skipped", step="ship", message="condition is false"),
         ]
         assert (await report(session, controller, overlapping))[1]["last_seq"] == 6
+        # A terminal phase is final: a late report cannot reopen the step.
+        late = [event(7, "started", attempt=2), event(8, "finished", phase="failed", exit_code=1)]
+        assert (await report(session, controller, late))[1]["last_seq"] == 8
 
     run = await controller.run()
     assert [(s.name, s.phase, s.exit_code) for s in run.status.steps] == [
@@ -136,7 +139,7 @@ async def test_reports_are_applied_once_in_order(controller: Controller) -> None
 
     # A restarted controller (a new log store over the same directory) still knows the seq.
     restarted = LogStore(controller.data_dir / "logs")
-    assert await restarted.report_seq("default", "01run") == 6
+    assert await restarted.report_seq("default", "01run") == 8
 
 
 async def test_bad_reports_are_refused(controller: Controller) -> None:

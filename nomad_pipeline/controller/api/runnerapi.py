@@ -249,10 +249,17 @@ async def _write_transitions(store: Store, run: Run, transitions: list[ReportEve
 
 
 def apply_transitions(run: Run, transitions: Iterable[ReportEvent]) -> None:
-    """Write step transitions into ``run.status.steps`` (missing steps are added in order)."""
+    """Write step transitions into ``run.status.steps`` (missing steps are added in order).
+
+    A step's terminal phase is final: the runner never reruns a step its plan lists as
+    completed, so a report about such a step comes late (after the run reconciler failed the
+    step because the runner died, say) and must not undo that verdict.
+    """
     statuses = _steps_in_flow_order(run)
     for event in transitions:
         step = statuses[event.step]
+        if step.phase in TERMINAL_PHASES:
+            continue
         if event.type == "started":
             step.phase = "running"
             step.attempts = event.attempt or step.attempts + 1

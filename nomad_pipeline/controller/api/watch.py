@@ -9,9 +9,8 @@ the client re-lists. There are no heartbeats: a line means a change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -61,11 +60,16 @@ async def stream_watch(
             for obj in listed.items:
                 await response.write(event_line("ADDED", object_wire(obj)))
             since = listed.resource_version
-        async with contextlib.aclosing(store.watch(kind, namespace, since)) as events:
+        events = store.watch(kind, namespace, since)
+        try:
             async for event in events:
                 if not matches(event.object.metadata.labels, selector):
                     continue
                 await response.write(event_line(event.type, object_wire(event.object)))
+        finally:
+            # Close the store's generator now (a cancelled watch), not whenever it is collected.
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
     except Gone as error:
         await response.write(event_line("ERROR", {"kind": "Status", **error.to_dict()}))
     except (ConnectionResetError, ConnectionError):
