@@ -25,13 +25,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
-from nomad_pipeline.controller.api import logs, runnerapi, runs
+from nomad_pipeline.controller.api import gitsync, logs, runnerapi, runs, triggerhooks
 from nomad_pipeline.controller.api.app import ApiServer, RouteSetup, build_api, start_api
 from nomad_pipeline.controller.manager import Manager
 from nomad_pipeline.controller.runtime import Runnable
+from nomad_pipeline.controller.secrets import SecretResolver
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.reconcilers.gitrepository import gitrepository_controller
+from nomad_pipeline.reconcilers.gitsource import GitMirrors
 from nomad_pipeline.reconcilers.runsetup import run_controller_factory
+from nomad_pipeline.reconcilers.trigger import trigger_controller
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
 from nomad_pipeline.store.memory import MemoryStore
@@ -118,11 +122,33 @@ class AppContext:
 
 ReconcilerFactory = Callable[[AppContext], Sequence[Runnable]]
 
+
+def git_controllers_factory(context: AppContext) -> Sequence[Runnable]:
+    """The Trigger and GitRepository controllers; they share one set of git mirrors under
+    ``<data-dir>/git`` (one fetch at a time per remote)."""
+    mirrors = GitMirrors(context.config.data_dir / "git")
+    return [
+        *trigger_controller(context.store, mirrors=mirrors, clock=context.clock),
+        *gitrepository_controller(
+            context.store,
+            mirrors=mirrors,
+            secrets=SecretResolver(context.nomad),
+            clock=context.clock,
+        ),
+    ]
+
+
 # The controllers to run, in start order (stopped in reverse). Each factory builds one kind's
 # controller with its watch sources.
-RECONCILER_FACTORIES: list[ReconcilerFactory] = [run_controller_factory]
+RECONCILER_FACTORIES: list[ReconcilerFactory] = [run_controller_factory, git_controllers_factory]
 # Route setups added to the API beside the native and seed routes (runs, logs, runner, webhooks).
-API_ROUTES: list[RouteSetup] = [runs.setup, logs.setup, runnerapi.setup]
+API_ROUTES: list[RouteSetup] = [
+    runs.setup,
+    logs.setup,
+    runnerapi.setup,
+    triggerhooks.setup,
+    gitsync.setup,
+]
 
 
 class ControllerApp:
@@ -182,7 +208,11 @@ class ControllerApp:
             api = build_api(
                 self._store,
                 log_root=config.log_root,
-                extra_routes=self._api_routes,
+                # Webhook secrets stored in Nomad variables resolve through this client.
+                extra_routes=[
+                    triggerhooks.secret_resolver_setup(SecretResolver(self._nomad)),
+                    *self._api_routes,
+                ],
                 ready=self._ready,
             )
             self._api = await start_api(api, host, port)

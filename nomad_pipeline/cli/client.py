@@ -8,6 +8,7 @@ our own error classes (by status) carrying the server's reason, so commands can 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -99,7 +100,7 @@ class ApiClient:
                 text = await response.text()
                 if response.status >= 400:
                     raise _error_from_response(method, path, response.status, text)
-        except aiohttp.ClientConnectionError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         if not text.strip():
             return None
@@ -123,7 +124,7 @@ class ApiClient:
                     raise _error_from_response(method, path, response.status, text)
                 async for chunk in response.content.iter_any():
                     yield chunk
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
     async def stream_lines(
@@ -139,14 +140,24 @@ class ApiClient:
         if pending:
             yield pending
 
-    def _unreachable(
-        self, exc: aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
-    ) -> ControllerUnreachableError:
+    def _unreachable(self, exc: aiohttp.ClientError | TimeoutError) -> ControllerUnreachableError:
+        """One clear sentence for every way of not getting an answer from the address."""
+        if isinstance(exc, TimeoutError):
+            return ControllerUnreachableError(
+                f"the controller at {self.addr} did not answer in time"
+            )
         if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
             return ControllerUnreachableError(
                 f"the controller at {self.addr} closed the connection"
             )
-        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, aiohttp.InvalidURL):
+            return ControllerUnreachableError(f"{self.addr} is not a usable controller address")
+        os_error = getattr(exc, "os_error", None)
+        if isinstance(os_error, OSError) and os_error.errno:
+            # "connection refused" rather than asyncio's "Connect call failed (...)".
+            detail = os.strerror(os_error.errno).lower()
+        else:
+            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return ControllerUnreachableError(
             f"cannot connect to the controller at {self.addr} ({detail}); "
             "is `nomad-pipeline server` running? (set --addr or NOMAD_PIPELINE_ADDR)"

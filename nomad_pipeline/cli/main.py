@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 from nomad_pipeline.cli import objects, runs, servers
 from nomad_pipeline.cli.client import DEFAULT_ADDR
@@ -190,7 +191,10 @@ def _add_server_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
 
 def _context(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> Context:
     addr = args.addr or os.environ.get(ADDR_ENV) or DEFAULT_ADDR
-    if not addr.startswith(("http://", "https://")):
+    if "://" not in addr:
+        # HOST:PORT, as `server --http-addr` takes it.
+        addr = f"http://{addr}"
+    if not addr.startswith(("http://", "https://")) or not urlsplit(addr).netloc:
         raise UsageError(f"--addr {addr!r} must be a URL such as {DEFAULT_ADDR}")
     return Context(
         addr=addr,

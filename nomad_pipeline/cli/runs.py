@@ -13,6 +13,7 @@ from nomad_pipeline.cli.output import TERMINAL_RUN_PHASES, dig, flow_steps, kind
 from nomad_pipeline.errors import Gone, Invalid, NotFound
 
 RUNS = "runs"
+LOG_STREAMS = ("stdout", "stderr")
 # After a run ends, its log streams close once the controller has flushed the last lines;
 # this bounds how long --follow waits for that before exiting anyway.
 LOG_DRAIN_TIMEOUT = 10.0
@@ -65,9 +66,8 @@ class ProgressPrinter:
         self.step_phases: dict[str, tuple[str, int]] = {}
         self.run_phase = ""
 
-    def update(self, run: Mapping[str, Any]) -> list[str]:
-        """Prints what changed; returns the names of steps that started or ended just now."""
-        changed: list[str] = []
+    def update(self, run: Mapping[str, Any]) -> None:
+        """Prints what changed since the last update."""
         for step in run_steps(run):
             name = str(step.get("name"))
             phase = str(step.get("phase") or "pending")
@@ -78,7 +78,6 @@ class ProgressPrinter:
             self.step_phases[name] = seen
             if phase == "pending":
                 continue
-            changed.append(name)
             self.ctx.out(f"step {name}: {phase}{step_details(step)}")
         phase = str(dig(run, "status", "phase") or "pending")
         if phase != self.run_phase:
@@ -86,7 +85,6 @@ class ProgressPrinter:
             message = dig(run, "status", "message")
             detail = f": {message}" if message and phase != "success" else ""
             self.ctx.out(f"run {self.run_id}: {phase}{detail}")
-        return changed
 
 
 def step_details(step: Mapping[str, Any]) -> str:
@@ -102,39 +100,39 @@ def step_details(step: Mapping[str, Any]) -> str:
     return text
 
 
+def run_step_names(run: Mapping[str, Any]) -> list[str]:
+    """The run's steps in flow order: from its status, else from its flow snapshot."""
+    steps = run_steps(run) or flow_steps(dig(run, "spec", "flow_spec"))
+    return [str(step.get("name")) for step in steps]
+
+
 async def follow_run(
     ctx: Context, api: ApiClient, namespace: str, run_id: str, *, logs: bool
 ) -> str:
     """Watches the run until its phase is final, printing transitions (and, with ``logs``,
     every step's output as it is written); returns the final phase."""
     printer = ProgressPrinter(ctx, run_id)
-    followed: set[str] = set()
-    log_tasks: list[asyncio.Task[None]] = []
+    run = await api.get_object(RUNS, namespace, run_id)
     async with asyncio.TaskGroup() as group:
-
-        def start_logs(steps: Sequence[str]) -> None:
-            for step in steps:
-                if not logs or step in followed:
-                    continue
-                followed.add(step)
-                for stream in ("stdout", "stderr"):
-                    log_tasks.append(
-                        group.create_task(
-                            print_step_log(
-                                ctx,
-                                api,
-                                namespace=namespace,
-                                run_id=run_id,
-                                step=step,
-                                stream=stream,
-                                prefix=True,
-                            ),
-                            name=f"logs {run_id}/{step}/{stream}",
-                        )
-                    )
-
-        run = await api.get_object(RUNS, namespace, run_id)
-        start_logs(printer.update(run))
+        # Every step's log is followed from the start: the server holds a pending step's
+        # stream open until the step ends, so output shows as soon as it is written.
+        log_tasks = [
+            group.create_task(
+                print_step_log(
+                    ctx,
+                    api,
+                    namespace=namespace,
+                    run_id=run_id,
+                    step=step,
+                    stream=stream,
+                    prefix=True,
+                ),
+                name=f"logs {run_id}/{step}/{stream}",
+            )
+            for step in (run_step_names(run) if logs else [])
+            for stream in LOG_STREAMS
+        ]
+        printer.update(run)
         version: str | None = str(dig(run, "metadata", "resource_version") or "0")
         while printer.run_phase not in TERMINAL_RUN_PHASES:
             try:
@@ -145,7 +143,7 @@ async def follow_run(
                     version = str(dig(obj, "metadata", "resource_version") or version)
                     if event.get("type") == "DELETED":
                         raise NotFound(f"run {run_id} was deleted while waiting for it")
-                    start_logs(printer.update(obj))
+                    printer.update(obj)
                     if printer.run_phase in TERMINAL_RUN_PHASES:
                         break
             except Gone:
@@ -185,10 +183,7 @@ async def logs_command(ctx: Context, args: argparse.Namespace) -> int:
         if args.step is not None:
             steps = [args.step]
         else:
-            run = await api.get_object(RUNS, ctx.namespace, args.run)
-            steps = [str(step.get("name")) for step in run_steps(run)] or [
-                str(step.get("name")) for step in flow_steps(dig(run, "spec", "flow_spec"))
-            ]
+            steps = run_step_names(await api.get_object(RUNS, ctx.namespace, args.run))
         prefix = len(steps) > 1
         if args.follow:
             # Steps of a DAG run in parallel: follow them all at once, each line labelled.

@@ -103,8 +103,11 @@ def _job_kind(job_type: str) -> str:
 
 
 def canonicalize(job: Obj, *, namespace: str, region: str = "global") -> Obj:
-    """A deep copy of ``job`` with Nomad's defaults filled in (api ``Job.Canonicalize``)."""
-    job = copy.deepcopy(job)
+    """A deep copy of ``job`` with Nomad's defaults filled in (api ``Job.Canonicalize``).
+
+    Keys are decoded as Go does first (case-insensitive, unknown fields dropped).
+    """
+    job = copy.deepcopy(decode(job))
     job_id = job.get("ID") or ""
     job.setdefault("ID", job_id)
     if not job.get("Name"):
@@ -279,6 +282,206 @@ def _canonical_artifact(artifact: Obj) -> Obj:
         },
         artifact,
     )
+
+
+# -- decoding as Go does -------------------------------------------------------------------
+# Go's encoding/json matches keys case-insensitively and drops unknown ones. Each schema maps
+# a struct's field names to the schema of its value: None for scalars and free-form maps
+# (Meta, Env, Config: their keys are data), a dict for a nested struct, a 1-tuple for a list
+# of structs.
+
+Schema = dict[str, Any]
+
+_RESTART: Schema = dict.fromkeys(("Interval", "Attempts", "Delay", "Mode", "RenderTemplates"))
+_RESCHEDULE: Schema = dict.fromkeys(
+    ("Attempts", "Interval", "Delay", "DelayFunction", "MaxDelay", "Unlimited")
+)
+_TEMPLATE: Schema = dict.fromkeys(
+    (
+        "SourcePath",
+        "DestPath",
+        "EmbeddedTmpl",
+        "ChangeMode",
+        "ChangeScript",
+        "ChangeSignal",
+        "Splay",
+        "Perms",
+        "Uid",
+        "Gid",
+        "LeftDelim",
+        "RightDelim",
+        "Envvars",
+        "VaultGrace",
+        "Wait",
+        "ErrMissingKey",
+        "Once",
+    )
+)
+_ARTIFACT: Schema = dict.fromkeys(
+    (
+        "GetterSource",
+        "GetterOptions",
+        "GetterHeaders",
+        "GetterMode",
+        "GetterInsecure",
+        "RelativeDest",
+        "Chown",
+    )
+)
+_RESOURCES: Schema = dict.fromkeys(
+    (
+        "CPU",
+        "Cores",
+        "MemoryMB",
+        "MemoryMaxMB",
+        "DiskMB",
+        "IOPS",
+        "SecretsMB",
+        "Networks",
+        "Devices",
+        "NUMA",
+    )
+)
+_TASK: Schema = {
+    **dict.fromkeys(
+        (
+            "Name",
+            "Driver",
+            "User",
+            "Config",
+            "Constraints",
+            "Affinities",
+            "Env",
+            "Services",
+            "Meta",
+            "KillTimeout",
+            "Vault",
+            "Consul",
+            "VolumeMounts",
+            "CSIPluginConfig",
+            "Leader",
+            "ShutdownDelay",
+            "KillSignal",
+            "Kind",
+            "ScalingPolicies",
+            "Identity",
+            "Identities",
+            "Actions",
+            "Schedule",
+        )
+    ),
+    "Lifecycle": dict.fromkeys(("Hook", "Sidecar")),
+    "Resources": _RESOURCES,
+    "RestartPolicy": _RESTART,
+    "LogConfig": dict.fromkeys(("MaxFiles", "MaxFileSizeMB", "Disabled", "Enabled")),
+    "Artifacts": (_ARTIFACT,),
+    "Templates": (_TEMPLATE,),
+    "DispatchPayload": dict.fromkeys(("File",)),
+}
+_GROUP: Schema = {
+    **dict.fromkeys(
+        (
+            "Name",
+            "Count",
+            "Constraints",
+            "Affinities",
+            "Spreads",
+            "Volumes",
+            "Disconnect",
+            "Update",
+            "Migrate",
+            "Networks",
+            "Meta",
+            "Services",
+            "ShutdownDelay",
+            "StopAfterClientDisconnect",
+            "MaxClientDisconnect",
+            "PreventRescheduleOnLost",
+            "Scaling",
+            "Consul",
+            "MaxRunDuration",
+        )
+    ),
+    "Tasks": (_TASK,),
+    "RestartPolicy": _RESTART,
+    "ReschedulePolicy": _RESCHEDULE,
+    "EphemeralDisk": dict.fromkeys(("Sticky", "Migrate", "SizeMB")),
+}
+JOB_SCHEMA: Schema = {
+    **dict.fromkeys(
+        (
+            "ID",
+            "Name",
+            "Namespace",
+            "Region",
+            "Type",
+            "Priority",
+            "AllAtOnce",
+            "Datacenters",
+            "NodePool",
+            "Constraints",
+            "Affinities",
+            "Spreads",
+            "Update",
+            "Multiregion",
+            "Dispatched",
+            "DispatchIdempotencyToken",
+            "Payload",
+            "Migrate",
+            "Meta",
+            "ConsulToken",
+            "ConsulNamespace",
+            "VaultToken",
+            "VaultNamespace",
+            "NomadTokenID",
+            "Status",
+            "StatusDescription",
+            "Stable",
+            "Version",
+            "SubmitTime",
+            "CreateIndex",
+            "ModifyIndex",
+            "JobModifyIndex",
+            "ParentID",
+            "Stop",
+            "UI",
+            "VersionTag",
+        )
+    ),
+    "TaskGroups": (_GROUP,),
+    "Periodic": dict.fromkeys(
+        ("Enabled", "Spec", "Specs", "SpecType", "ProhibitOverlap", "TimeZone")
+    ),
+    "ParameterizedJob": dict.fromkeys(("Payload", "MetaRequired", "MetaOptional")),
+    "Reschedule": _RESCHEDULE,
+}
+
+
+def decode(value: Any, schema: Schema = JOB_SCHEMA) -> Any:
+    """``value`` with struct keys spelled as Nomad's and unknown keys dropped, as Go decodes.
+
+    An exact key wins over a case-insensitive match, as in encoding/json.
+    """
+    if not isinstance(value, dict):
+        return value
+    lowered = {name.lower(): name for name in schema}
+    decoded: Obj = {}
+    exact = [k for k in value if k in schema]
+    folded = [k for k in value if k not in schema]
+    for key in folded + exact:  # exact keys last, so they win
+        name = key if key in schema else lowered.get(key.lower())
+        if name is None:
+            continue
+        decoded[name] = _decode_field(value[key], schema[name])
+    return decoded
+
+
+def _decode_field(value: Any, schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return decode(value, schema)
+    if isinstance(schema, tuple) and isinstance(value, list):
+        return [decode(item, schema[0]) for item in value]
+    return value
 
 
 # -- validation ----------------------------------------------------------------------------

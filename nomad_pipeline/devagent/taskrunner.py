@@ -296,6 +296,7 @@ class TaskRunner:
         self._artifacts_done = False
         self._logs: tuple[RotatingLog, RotatingLog] | None = None
         self._pipes_done: list[asyncio.Future[None]] = []
+        self._setup: asyncio.Task[dict[str, str]] | None = None
         # Whether run() was ever scheduled: a task that never launched dies without a process.
         self.launched = False
 
@@ -337,12 +338,22 @@ class TaskRunner:
             if self._kill_requested.is_set():
                 self._mark_dead(killed=False)
                 return
+            # Setup (artifact downloads, templates) runs as its own task so a kill can cut it.
+            self._setup = asyncio.create_task(self._prepare(), name=f"devagent-setup-{self.name}")
             try:
-                env = await self._prepare()
+                env = await self._setup
             except _SetupError as exc:
                 if not await self._after_failure(exc.event, success=False):
                     return
                 continue
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                self._mark_dead(killed=False)
+                return
+            finally:
+                self._setup = None
             started = await self._start(env)
             if not started:
                 return
@@ -350,7 +361,11 @@ class TaskRunner:
             terminated = task_event(
                 "Terminated",
                 _exit_display(outcome),
-                details={"exit_code": str(outcome.exit_code), "signal": str(outcome.signal)},
+                details={
+                    "exit_code": str(outcome.exit_code),
+                    "signal": str(outcome.signal),
+                    "oom_killed": "false",
+                },
                 ExitCode=outcome.exit_code,
                 Signal=outcome.signal,
             )
@@ -379,15 +394,19 @@ class TaskRunner:
         shown = f"Task restarting in {format_duration(delay)}"
         if reason != WITHIN_POLICY:
             shown = f"{reason} - {shown}"
+        restarting = task_event(
+            "Restarting",
+            shown,
+            details={"restart_reason": reason, "start_delay": str(delay)},
+            RestartReason=reason,
+            StartDelay=delay,
+        )
+        # As Nomad's task runner: a Restarting event counts the restart when it is recorded.
         self.emit(
-            task_event(
-                "Restarting",
-                shown,
-                details={"restart_reason": reason, "start_delay": str(delay)},
-                RestartReason=reason,
-                StartDelay=delay,
-            ),
+            restarting,
             State="pending",
+            Restarts=self.state["Restarts"] + 1,
+            LastRestart=rfc3339(restarting["Time"]),
         )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay / 1e9):
@@ -395,8 +414,6 @@ class TaskRunner:
         if self._kill_requested.is_set():
             self._mark_dead(killed=False)
             return False
-        self.state["Restarts"] += 1
-        self.state["LastRestart"] = rfc3339(time.time_ns())
         return True
 
     def emit_state(self, **state: Any) -> None:
@@ -552,10 +569,9 @@ class TaskRunner:
             await loop.connect_read_pipe(lambda sink=sink: sink, os.fdopen(fd, "rb", buffering=0))  # type: ignore[misc]
             self._pipes_done.append(done)
         self._exited.clear()
-        now = rfc3339(time.time_ns())
-        if self.state["StartedAt"] is None:
-            self.state["StartedAt"] = now
-        self.emit(task_event("Started", "Task started by client"), State="running")
+        started = task_event("Started", "Task started by client")
+        # StartedAt moves with every (re)start, as Nomad records each transition to running.
+        self.emit(started, State="running", StartedAt=rfc3339(started["Time"]))
         return True
 
     def preopen_logs(self) -> None:
@@ -612,6 +628,8 @@ class TaskRunner:
         if reason is not None and not self.dead:
             self.emit(reason)
         self._kill_requested.set()
+        if self._setup is not None:
+            self._setup.cancel()
         process = self._process
         if process is not None and process.returncode is None:
             name = self.task.get("KillSignal") or "SIGINT"

@@ -35,7 +35,7 @@ from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.durations import Duration
 from nomad_pipeline.resources.expressions import KNOWN_ROOTS, parse_expression
 from nomad_pipeline.resources.jsonpath import parse_json_path
-from nomad_pipeline.resources.meta import Resource, Status, StrictModel
+from nomad_pipeline.resources.meta import API_GROUP, Resource, Status, StrictModel
 from nomad_pipeline.resources.templates import template_names
 from nomad_pipeline.resources.validation import FieldError
 from nomad_pipeline.resources.variables import (
@@ -795,10 +795,20 @@ class FileError(StrictModel):
     message: str
 
 
+# ``nomad-pipeline sync GITREPO`` (or the sync route) writes a new value here to ask for an
+# immediate reconcile; the reconciler copies the value it handled to
+# ``status.last_handled_reconcile_at``.
+RECONCILE_REQUESTED_ANNOTATION = f"{API_GROUP}/reconcile-requested-at"
+
+
 class GitRepositoryStatus(Status):
     last_fetched_revision: str | None = None
     last_applied_revision: str | None = None
     file_errors: list[FileError] = Field(default_factory=list)
+    # When the remote was last fetched: the next fetch is due ``spec.interval`` later.
+    last_fetch_time: datetime | None = None
+    # The reconcile-requested annotation's value the last reconcile answered.
+    last_handled_reconcile_at: str | None = None
 
 
 class GitRepository(Resource):

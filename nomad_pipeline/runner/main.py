@@ -166,12 +166,23 @@ async def _execute(
     )
     try:
         await agent.run(stop)
-        flush_timeout = config.stop_flush_timeout if stop.is_set() else config.flush_timeout
         flushed = asyncio.create_task(reporter.flush(), name="runner final flush")
+        stopping = asyncio.create_task(stop.wait(), name="runner stop during flush")
+        # The whole flush budget while nobody asks us to stop; once asked (Nomad's kill gives
+        # only its kill_timeout), the short budget.
         done, _ = await asyncio.wait(
-            {flushed, sender}, timeout=flush_timeout, return_when=asyncio.FIRST_COMPLETED
+            {flushed, sender, stopping},
+            timeout=config.flush_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
         )
-        flushed.cancel()
+        if stopping in done and flushed not in done and sender not in done:
+            done, _ = await asyncio.wait(
+                {flushed, sender},
+                timeout=config.stop_flush_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        for task in (flushed, stopping):
+            task.cancel()
         if sender in done:
             sender.result()
         if flushed not in done:

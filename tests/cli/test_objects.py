@@ -238,6 +238,7 @@ async def test_connection_refused_names_the_address() -> None:
     result = await run_cli(addr, "get", "flows")
     assert result.code == 1
     assert result.err.startswith(f"error: Unavailable: cannot connect to the controller at {addr}")
+    assert "(connection refused)" in result.err
     assert len(result.err.splitlines()) == 1
 
 
@@ -282,7 +283,9 @@ async def test_address_from_environment_and_global_flags_before_the_command(
 
     monkeypatch.delenv(ADDR_ENV)
     out = io.StringIO()
-    argv = ["--addr", controller.addr, "-n", "team-a", "get", "flows", "-o", "json"]
+    # HOST:PORT without a scheme is taken as http://HOST:PORT.
+    host_port = controller.addr.removeprefix("http://")
+    argv = ["--addr", host_port, "-n", "team-a", "get", "flows", "-o", "json"]
     code = await asyncio.to_thread(main, argv, stdout=out, stderr=err)
     assert code == 0
     assert json.loads(out.getvalue())["items"] == []

@@ -120,11 +120,11 @@ async def test_run_wait_follow_prints_transitions_and_logs_and_exits_non_zero_on
     try:
         run_id = await read_line(waiter.stdout)
         assert await read_line(waiter.stdout) == f"run {run_id}: pending"
-        await log_store.append("default", run_id, "build", "stdout", b"compiling\n")
         await set_status(with_runs, run_id, "running", build="running", test="pending")
         assert await read_line(waiter.stdout) == "step build: running"
         assert await read_line(waiter.stdout) == f"run {run_id}: running"
         # The step's output streams while it runs.
+        await log_store.append("default", run_id, "build", "stdout", b"compiling\n")
         assert await read_line(waiter.stdout) == "[build] compiling"
 
         await set_status(with_runs, run_id, "failed", build="success", test="failed")

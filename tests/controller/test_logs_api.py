@@ -169,3 +169,15 @@ async def test_bad_requests_are_answered_with_errors(
         body = await response.json()
     assert body["error"]["reason"] == reason
     assert body["error"]["message"]
+
+
+async def test_a_log_larger_than_a_chunk_keeps_every_line_whole(api: Api) -> None:
+    lines = [f"{number:06} " + "x" * (number % 97) for number in range(5000)]
+    data = "\n".join(lines).encode()  # no final newline: the last line is still a line
+    await api.log_store.append("default", "01run", "build", "stdout", data)
+    async with api.session.get("/v1/runs/01run/logs", params={"step_id": "build"}) as response:
+        received = [json.loads(line)["line"] for line in (await response.text()).splitlines()]
+    assert received == lines
+    path = "/apis/nomad-pipeline.io/v1/namespaces/default/runs/01run/logs"
+    async with api.session.get(path, params={"step": "build"}) as response:
+        assert await response.read() == data

@@ -9,6 +9,7 @@ nomad-api.md wins; each deviation is listed in ``DEVIATIONS`` below and applied 
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,16 @@ class Contract:
             pytest.fail(f"{method.upper()} {path}: at {where or '<root>'}: {error.message}")
 
 
+@functools.cache
+def load_contract(path: Path) -> Contract:
+    """Parsed once per session: the document is 250 KB of YAML."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return Contract(yaml.load(path.read_text(), Loader=loader))
+
+
 @pytest.fixture
 def contract(shared_reference: Path) -> Contract:
-    document = yaml.safe_load((shared_reference / "nomad-openapi.yaml").read_text())
-    return Contract(document)
+    return load_contract(shared_reference / "nomad-openapi.yaml")
 
 
 @pytest.fixture

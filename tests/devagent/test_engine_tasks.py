@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
+from aiohttp import web
 from engine_support import (
     allocs,
     batch_job,
@@ -285,3 +288,60 @@ async def test_missing_command_is_a_driver_failure(tmp_path: Path) -> None:
             "Error was unrecoverable"
         )
         json.dumps(alloc)  # the whole allocation stays JSON-serialisable
+
+
+async def test_http_artifacts_checksum_and_archive_unpacking(tmp_path: Path) -> None:
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    (bundle_dir / "inside.txt").write_text("unpacked\n")
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle_dir / "inside.txt", arcname="inside.txt")
+    plain = b"served\n"
+    bodies = {"/bundle.tar.gz": archive.read_bytes(), "/plain.txt": plain}
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=bodies[request.path])
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}"
+    digest = hashlib.sha256(plain).hexdigest()
+    task = shell_task(
+        "cat local/inside.txt local/files/plain.txt > $NOMAD_ALLOC_DIR/data/out.txt",
+        Artifacts=[
+            {"GetterSource": f"{base}/bundle.tar.gz"},
+            {
+                "GetterSource": f"{base}/plain.txt",
+                "GetterOptions": {"checksum": f"sha256:{digest}"},
+                "RelativeDest": "local/files",
+            },
+        ],
+    )
+    bad = shell_task(
+        "exit 0",
+        name="bad",
+        Artifacts=[{"GetterSource": f"{base}/plain.txt?checksum=sha256:{'0' * 64}"}],
+    )
+    try:
+        async with running_engine(tmp_path) as engine:
+            await engine.register_job("default", batch_job("http", tasks=[task]))
+            await engine.register_job("default", batch_job("httpbad", tasks=[bad]))
+            await wait_until(
+                engine, lambda: job_dead(engine, "http") and job_dead(engine, "httpbad")
+            )
+            [alloc] = allocs(engine, "http")
+            assert alloc["ClientStatus"] == "complete", alloc["TaskStates"]
+            out = engine.alloc_dir(alloc["ID"]) / "alloc" / "data" / "out.txt"
+            assert out.read_text() == "unpacked\nserved\n"
+            [failed] = allocs(engine, "httpbad")
+            download = failed["TaskStates"]["bad"]["Events"][-2]
+            assert download["Type"] == "Failed Artifact Download"
+            assert "checksums did not match" in download["DisplayMessage"]
+    finally:
+        await runner.cleanup()

@@ -82,7 +82,7 @@ async def test_dag_with_failing_branch_and_handler(e2e: E2E) -> None:
     await e2e.apply(spec_flow("dag", steps))
     result = await e2e.cli("run", "dag", "--wait")
     assert result.code != 0
-    run = await e2e.get_run(result.out.splitlines()[0])
+    run = await e2e.api_get_run(result.out.splitlines()[0])
     phases = {s["name"]: s["phase"] for s in run["status"]["steps"]}
     assert phases == {
         "checkout": "success",
@@ -124,7 +124,7 @@ async def test_timeout_and_retries(e2e: E2E) -> None:
     await e2e.apply(spec_flow("retry", steps))
     result = await e2e.cli("run", "retry", "--wait")
     assert result.code != 0
-    run = await e2e.get_run(result.out.splitlines()[0])
+    run = await e2e.api_get_run(result.out.splitlines()[0])
     flaky_status, slow_status = run["status"]["steps"]
     assert (flaky_status["phase"], flaky_status["attempts"]) == ("success", 2)
     assert flaky_status["nomad_job_id"].endswith("-flaky-a2")
@@ -159,7 +159,7 @@ spec:
     await e2e.apply(manifest)
     result = await e2e.cli("run", "docker", "--wait")
     assert result.code != 0
-    run = await e2e.get_run(result.out.splitlines()[0])
+    run = await e2e.api_get_run(result.out.splitlines()[0])
     boxed = run["status"]["steps"][0]
     assert boxed["phase"] == "failed"
     assert "missing drivers" in boxed["message"]
@@ -189,8 +189,13 @@ spec:
         result = await e2e.cli("run", "inject", "--var", f"msg={value}", "--wait")
         assert result.code == 0, result
         run_id = result.out.splitlines()[0]
-        logs = await e2e.cli("logs", run_id, "echo")
-        assert value in logs.out
+        stdout = e2e.controller.data_dir / "logs/runs/default" / run_id / "echo/logs/stdout.log"
+        await e2e.wait_run(run_id)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while not (stdout.exists() and stdout.read_text() == f"{value}\n"):
+            assert loop.time() < end, stdout.read_text() if stdout.exists() else "no log"
+            await asyncio.sleep(0.05)
     assert not marker.exists()
 
 

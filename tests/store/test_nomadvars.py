@@ -162,10 +162,16 @@ async def test_a_second_store_follows_the_first(
     first, second = stores
     events = second.watch(Flow, since=second.resource_version)
 
-    created = await first.create(make_flow())
-    updated = await first.update(make_flow(run="make v2"))
-    await first.create(make_flow("temp"))
-    await first.delete(Flow, "default", "temp")
+    async def synced(obj: Flow) -> Flow:
+        # The follower sees states, not every write: changes made between two of its blocking
+        # queries arrive as one. Waiting after each write makes every step visible.
+        await second.wait_synced(int(obj.metadata.resource_version or 0))
+        return obj
+
+    created = await synced(await first.create(make_flow()))
+    updated = await synced(await first.update(make_flow(run="make v2")))
+    await synced(await first.create(make_flow("temp")))
+    await synced(await first.delete(Flow, "default", "temp"))
 
     seen = await take(events, 4)
     assert [(e.type, e.object.metadata.name) for e in seen] == [
@@ -179,6 +185,22 @@ async def test_a_second_store_follows_the_first(
     assert (await second.get(Flow, "default", "build")).to_wire() == updated.to_wire()
     with pytest.raises(NotFound):
         await second.get(Flow, "default", "temp")
+
+
+async def test_changes_between_two_syncs_converge(
+    stores: tuple[NomadVarsStore, NomadVarsStore],
+) -> None:
+    first, second = stores
+    await first.create(make_flow("a"))
+    await first.update(make_flow("a", run="make v2"))
+    await first.create(make_flow("b"))
+    deleted = await first.delete(Flow, "default", "b")
+
+    async with asyncio.timeout(WAIT_SECONDS):
+        await second.wait_synced(int(deleted.metadata.resource_version or 0))
+    assert [f.to_wire() for f in (await second.list(Flow)).items] == [
+        f.to_wire() for f in (await first.list(Flow)).items
+    ]
 
 
 async def test_writes_from_two_stores_never_overwrite_each_other(

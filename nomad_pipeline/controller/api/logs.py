@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from nomad_pipeline.controller.api import LOG_ROOT, STORE, WATCHES
 from nomad_pipeline.controller.api.errors import query_flag
-from nomad_pipeline.controller.logstore import LogStore, LogStream, validate_stream
+from nomad_pipeline.controller.logstore import READ_CHUNK, LogStore, LogStream, validate_stream
 from nomad_pipeline.errors import Gone, Invalid, NotFound
 from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Run
 from nomad_pipeline.store.interface import Store
@@ -67,13 +67,24 @@ async def seed_logs(request: web.Request) -> web.StreamResponse:
     step = _step_of(run, request.query.get("step_id"), "step_id")
     if query_flag(request, "tail"):
         return await _stream_log(request, run, step, stream)
-    data = await log_store_of(request.app).read(namespace, name, step, stream)
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    body = "".join(
-        json.dumps({"run_id": name, "step_id": step, "type": stream, "line": line}) + "\n"
-        for line in lines
-    )
-    return web.Response(text=body, content_type="application/x-ndjson")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+
+    def record(line: bytes) -> bytes:
+        text = line.decode("utf-8", errors="replace")
+        fields = {"run_id": name, "step_id": step, "type": stream, "line": text}
+        return json.dumps(fields).encode() + b"\n"
+
+    # The file is sent in pieces, so a large log never sits in memory whole.
+    partial = b""
+    async for chunk in _chunks(log_store_of(request.app), namespace, name, step, stream):
+        *lines, partial = (partial + chunk).split(b"\n")
+        if lines:
+            await response.write(b"".join(record(line) for line in lines))
+    if partial:
+        await response.write(record(partial))
+    await response.write_eof()
+    return response
 
 
 async def native_logs(request: web.Request) -> web.StreamResponse:
@@ -84,8 +95,24 @@ async def native_logs(request: web.Request) -> web.StreamResponse:
     step = _step_of(run, request.query.get("step"), "step")
     if query_flag(request, "follow"):
         return await _stream_log(request, run, step, stream)
-    data = await log_store_of(request.app).read(namespace, name, step, stream)
-    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    async for chunk in _chunks(log_store_of(request.app), namespace, name, step, stream):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _chunks(
+    log_store: LogStore, namespace: str, run: str, step: str, stream: LogStream
+) -> AsyncIterator[bytes]:
+    """The log as it is now, in READ_CHUNK pieces."""
+    offset = 0
+    while chunk := await log_store.read(
+        namespace, run, step, stream, offset=offset, limit=READ_CHUNK
+    ):
+        offset += len(chunk)
+        yield chunk
 
 
 def _step_of(run: Run, step: str | None, parameter: str) -> str:
