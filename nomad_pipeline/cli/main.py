@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from nomad_pipeline.cli import objects, runs, servers
 from nomad_pipeline.cli.client import DEFAULT_ADDR
 from nomad_pipeline.cli.context import Context
-from nomad_pipeline.cli.output import OUTPUT_FORMATS
+from nomad_pipeline.cli.output import OUTPUT_FORMATS, error_line
 from nomad_pipeline.errors import Invalid, NomadPipelineError
 
 ADDR_ENV = "NOMAD_PIPELINE_ADDR"
@@ -207,10 +207,6 @@ def _context(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: Te
     )
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -236,7 +232,7 @@ def main(
         client_handler: ClientHandler = args.client_handler
         return asyncio.run(client_handler(ctx, args))
     except NomadPipelineError as exc:
-        stderr.write(f"error: {exc.reason}: {_one_line(exc.message)}\n")
+        stderr.write(error_line(exc) + "\n")
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         stderr.write(f"error: {type(exc).__name__}: {where}{exc.strerror or exc}\n")

@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nomad_pipeline.cli.client import ApiClient
+from nomad_pipeline.cli.client import ApiClient, ControllerUnreachableError
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.describe import describe_object
 from nomad_pipeline.cli.output import (
     OutputFormat,
     Table,
     columns_for,
+    error_line,
     kind_name,
     object_name,
     render_objects,
@@ -22,7 +23,7 @@ from nomad_pipeline.cli.output import (
     to_yaml,
     unified_diff,
 )
-from nomad_pipeline.errors import Conflict, Gone, Invalid, NotFound
+from nomad_pipeline.errors import Conflict, Gone, Invalid, NomadPipelineError, NotFound
 from nomad_pipeline.resources.manifests import Manifest, load_paths, load_text
 from nomad_pipeline.resources.meta import Resource
 from nomad_pipeline.resources.registry import kind_for
@@ -102,8 +103,10 @@ async def diff_command(ctx: Context, args: argparse.Namespace) -> int:
     differs = False
     async with ctx.api() as api:
         results = await api.apply(items, dry_run=True)
-        for item, result in zip(items, results, strict=True):
-            local = result.get("object") or item
+        for result in results:
+            local = result.get("object")
+            if not isinstance(local, dict):
+                raise NomadPipelineError("the controller's dry-run answer has no objects to diff")
             kind = kind_for(str(local["kind"]))
             name = str(local["metadata"]["name"])
             namespace = local["metadata"].get("namespace") if kind.NAMESPACED else None
@@ -269,10 +272,13 @@ async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
         for kind, namespace, name in targets:
             try:
                 await api.delete_object(kind.PLURAL, namespace, name)
-            except NotFound as exc:
-                if args.ignore_not_found:
+            except ControllerUnreachableError:
+                raise
+            except NomadPipelineError as exc:
+                # Like kubectl: report this one and go on with the others.
+                if isinstance(exc, NotFound) and args.ignore_not_found:
                     continue
-                ctx.err(f"error: {exc.reason}: {exc.message}")
+                ctx.err(error_line(exc))
                 failed = True
                 continue
             ctx.out(f"{kind_name(kind.KIND, name)} deleted")

@@ -17,16 +17,22 @@ from typing import Any, Literal
 
 import yaml
 
+from nomad_pipeline.errors import NomadPipelineError
+from nomad_pipeline.resources.kinds import TERMINAL_PHASES
 from nomad_pipeline.resources.meta import API_GROUP, API_VERSION
 
 OutputFormat = Literal["table", "wide", "yaml", "json", "name"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "wide", "yaml", "json", "name")
 
-TERMINAL_STEP_PHASES = frozenset({"success", "failed", "skipped", "cancelled"})
-TERMINAL_RUN_PHASES = frozenset({"success", "failed", "skipped", "cancelled"})
 
 NONE = "<none>"
 COLUMN_GAP = "   "
+
+
+def error_line(exc: NomadPipelineError) -> str:
+    """``error: <reason>: <message>`` on one line, however many lines the message had."""
+    message = "; ".join(line.strip() for line in exc.message.splitlines() if line.strip())
+    return f"error: {exc.reason}: {message}"
 
 
 def dig(obj: object, *path: str) -> Any:
@@ -208,7 +214,7 @@ def _run_phase(obj: Mapping[str, Any], _now: datetime) -> str:
 def _run_step_progress(obj: Mapping[str, Any], _now: datetime) -> str:
     steps = run_steps(obj)
     total = len(steps) or len(flow_steps(dig(obj, "spec", "flow_spec")))
-    done = sum(1 for step in steps if step.get("phase") in TERMINAL_STEP_PHASES)
+    done = sum(1 for step in steps if step.get("phase") in TERMINAL_PHASES)
     return f"{done}/{total}"
 
 

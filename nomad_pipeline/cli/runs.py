@@ -9,8 +9,9 @@ from typing import Any
 
 from nomad_pipeline.cli.client import ApiClient
 from nomad_pipeline.cli.context import Context
-from nomad_pipeline.cli.output import TERMINAL_RUN_PHASES, dig, flow_steps, kind_name, run_steps
+from nomad_pipeline.cli.output import dig, flow_steps, kind_name, run_steps
 from nomad_pipeline.errors import Gone, Invalid, NotFound
+from nomad_pipeline.resources.kinds import TERMINAL_PHASES
 
 RUNS = "runs"
 LOG_STREAMS = ("stdout", "stderr")
@@ -134,7 +135,7 @@ async def follow_run(
         ]
         printer.update(run)
         version: str | None = str(dig(run, "metadata", "resource_version") or "0")
-        while printer.run_phase not in TERMINAL_RUN_PHASES:
+        while printer.run_phase not in TERMINAL_PHASES:
             try:
                 async for event in api.watch(RUNS, namespace, resource_version=version):
                     obj = event.get("object")
@@ -144,7 +145,7 @@ async def follow_run(
                     if event.get("type") == "DELETED":
                         raise NotFound(f"run {run_id} was deleted while waiting for it")
                     printer.update(obj)
-                    if printer.run_phase in TERMINAL_RUN_PHASES:
+                    if printer.run_phase in TERMINAL_PHASES:
                         break
             except Gone:
                 # Resume from the current state: the server starts with ADDED for what exists.

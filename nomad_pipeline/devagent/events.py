@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
 
 from nomad_pipeline.devagent.http import STATE_KEY, query_meta_headers, query_namespace
-from nomad_pipeline.devagent.state import EventBatch, NomadHTTPError, Obj, StateStore
+from nomad_pipeline.devagent.state import NomadHTTPError, Obj
 
 HEARTBEAT_INTERVAL = 30.0
 HEARTBEAT_KEY: Final = web.AppKey("devagent_event_heartbeat", float)
@@ -49,39 +49,15 @@ def event_matches(event: Obj, topics: TopicFilter, namespace: str) -> bool:
     return any(key in keys for key in event.get("FilterKeys") or ())
 
 
-async def _pump(
-    state: StateStore, after_index: int, queue: asyncio.Queue[EventBatch | None]
-) -> None:
-    """Forward subscription batches to ``queue``; None marks the end of the subscription."""
-    try:
-        async for batch in state.subscribe(after_index):
-            await queue.put(batch)
-    finally:
-        with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait(None)
-
-
-async def _batches(
-    state: StateStore, after_index: int, heartbeat: float
-) -> AsyncIterator[EventBatch | None]:
-    """Batches as they come, with None whenever ``heartbeat`` seconds pass without one."""
-    queue: asyncio.Queue[EventBatch | None] = asyncio.Queue(maxsize=1)
-    pump = asyncio.create_task(_pump(state, after_index, queue), name="devagent-event-pump")
-    try:
-        while True:
-            try:
-                async with asyncio.timeout(heartbeat):
-                    batch = await queue.get()
-            except TimeoutError:
-                yield None
-                continue
-            if batch is None:
-                return
-            yield batch
-    finally:
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
+async def _heartbeats(write_line: Callable[[bytes], Awaitable[None]], interval: float) -> None:
+    """``{}`` every ``interval`` seconds; Nomad's stream beats whether or not events flow."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await write_line(b"{}\n")
+        except ConnectionResetError:
+            # The reader hung up; the event loop in the handler notices on its next write.
+            return
 
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
@@ -97,15 +73,28 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "application/json", **query_meta_headers(state.index)}
     )
     await response.prepare(request)
-    await response.write(b"{}\n")
-    async for batch in _batches(state, after_index, request.app[HEARTBEAT_KEY]):
-        if batch is None:
-            await response.write(b"{}\n")
-            continue
-        events = [e for e in batch.events if event_matches(e, topics, namespace)]
-        if events:
-            line = json.dumps({"Index": batch.index, "Events": events}, separators=(",", ":"))
-            await response.write(line.encode() + b"\n")
+    # Heartbeats and batches come from two tasks: one line at a time.
+    write_lock = asyncio.Lock()
+
+    async def write_line(line: bytes) -> None:
+        async with write_lock:
+            await response.write(line)
+
+    await write_line(b"{}\n")
+    heartbeat = asyncio.create_task(
+        _heartbeats(write_line, request.app[HEARTBEAT_KEY]), name="devagent-event-heartbeat"
+    )
+    try:
+        # Each batch is written from the subscription as it is committed: no extra hop.
+        async for batch in state.subscribe(after_index):
+            events = [e for e in batch.events if event_matches(e, topics, namespace)]
+            if events:
+                line = json.dumps({"Index": batch.index, "Events": events}, separators=(",", ":"))
+                await write_line(line.encode() + b"\n")
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
     return response
 
 

@@ -251,26 +251,31 @@ async def blocking_query(
     request: web.Request,
     tables: tuple[str, ...],
     read: Callable[[], tuple[T, int]],
+    *,
+    reply_index: Callable[[], int] | None = None,
 ) -> tuple[T, int]:
     """Run ``read`` (returning the result and its index) as a Nomad blocking query.
 
     With ``?index=N`` the call returns once the result's index passes N or the wait ends.
     ``read`` runs again after every change to ``tables`` because an object's own index (a job's
-    ModifyIndex) can stay put while its table moves on.
+    ModifyIndex) can stay put while its table moves on. ``reply_index`` gives the index to
+    answer when it differs from the one that wakes the query: Nomad answers a job's
+    allocations with the whole table's index but wakes only for that job's allocations.
     """
     params = blocking_params(request)
     state = request.app[STATE_KEY]
     result, index = read()
-    if params.min_index <= 0:
-        return result, max(index, 1)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + params.wait
-    while index <= params.min_index:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        await state.wait(tables, max(params.min_index, state.table_index(*tables)), remaining)
-        result, index = read()
+    if params.min_index > 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + params.wait
+        while index <= params.min_index:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await state.wait(tables, max(params.min_index, state.table_index(*tables)), remaining)
+            result, index = read()
+    if reply_index is not None:
+        index = reply_index()
     return result, max(index, 1)
 
 

@@ -3,19 +3,22 @@
 ``DevAgent`` wires the state, the engine (scheduler and task runner) and the HTTP routes, and
 owns their lifecycle: ``start`` binds the HTTP port (0 = ephemeral) and returns the address;
 ``stop`` closes HTTP, kills every task through the engine and closes the state. ``serve`` runs
-an agent until SIGINT/SIGTERM (``nomad-pipeline dev-nomad`` and ``python -m
-nomad_pipeline.devagent``).
+an agent until SIGINT/SIGTERM; ``main`` is its command line (``nomad-pipeline dev-nomad`` and
+``python -m nomad_pipeline.devagent``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -94,34 +97,37 @@ class DevAgent:
             return self._address
         config = self.config
         node_name = config.node_name or socket.gethostname()
-        if config.data_dir is None:
-            self._temp_dir = Path(tempfile.mkdtemp(prefix="nomad-devagent-"))
-            alloc_root = self._temp_dir / "alloc"
-        else:
-            config.data_dir.mkdir(parents=True, exist_ok=True)
-            alloc_root = config.data_dir / "alloc"
+        # Bound first: the engine hands the real (possibly ephemeral) address to its tasks.
         sock = _bind(config.bind, config.port)
         port = sock.getsockname()[1]
-        advertise = cluster.AgentInfo(config.bind, port, node_name, "", False, False).advertise
-        self._address = _format_address(advertise, port)
+        if config.data_dir is None:
+            # In-memory mode: allocation directories live in a temp dir removed on stop.
+            data_dir = self._temp_dir = Path(tempfile.mkdtemp(prefix="nomad-devagent-"))
+        else:
+            data_dir = config.data_dir
+        info = cluster.AgentInfo(
+            bind=config.bind,
+            http_port=port,
+            node_name=node_name,
+            data_dir=str(data_dir),
+            dev_mode=config.data_dir is None,
+            acl_enabled=config.acl_token is not None,
+        )
+        self._address = _format_address(info.advertise, port)
         try:
+            data_dir.mkdir(parents=True, exist_ok=True)
             state = StateStore(config.data_dir, event_buffer=config.event_buffer)
             self._state = state
             await state.open()
             self._engine = Engine(
-                state, alloc_root=alloc_root, node_name=node_name, http_addr=self._address
+                state,
+                alloc_root=data_dir / "alloc",
+                node_name=node_name,
+                http_addr=self._address,
             )
             await self._engine.start()
             self._variables = variables.Variables(state)
             await self._variables.start()
-            info = cluster.AgentInfo(
-                bind=config.bind,
-                http_port=port,
-                node_name=node_name,
-                data_dir=str(config.data_dir or self._temp_dir),
-                dev_mode=config.data_dir is None,
-                acl_enabled=config.acl_token is not None,
-            )
             app = self._build_app(state, self._engine, self._variables, info)
             self._runner = web.AppRunner(
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE
@@ -211,3 +217,52 @@ async def serve(config: DevAgentConfig) -> None:
         await agent.stop()
         for signum in handled:
             loop.remove_signal_handler(signum)
+
+
+def build_parser(prog: str = "nomad-pipeline dev-nomad") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a local Nomad-compatible agent (one server + one raw_exec client).",
+    )
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=4646, help="HTTP port (0: any free port)")
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--data-dir", type=Path, help="keep jobs, allocations and variables under DIR"
+    )
+    storage.add_argument(
+        "--in-memory", action="store_true", help="keep nothing across restarts (the default)"
+    )
+    parser.add_argument("--node-name", help="the client node's name (Nomad's -node)")
+    parser.add_argument(
+        "--acl-token", help="require this token (X-Nomad-Token) on every endpoint but status/*"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DevAgentConfig:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port: {args.port} is not a TCP port (0-65535)")
+    return DevAgentConfig(
+        bind=args.bind,
+        port=args.port,
+        data_dir=args.data_dir,
+        node_name=args.node_name,
+        acl_token=args.acl_token,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: could not start the dev agent: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,8 @@ from nomad_pipeline.devagent.allocdir import (
 from nomad_pipeline.devagent.jobspec import format_duration
 
 Obj = dict[str, Any]
+
+logger = logging.getLogger(__name__)
 
 MAX_TASK_EVENTS = 10
 WITHIN_POLICY = "Restart within policy"
@@ -297,6 +300,7 @@ class TaskRunner:
         self._logs: tuple[RotatingLog, RotatingLog] | None = None
         self._pipes_done: list[asyncio.Future[None]] = []
         self._setup: asyncio.Task[dict[str, str]] | None = None
+        self._terminating = False
         # Whether run() was ever scheduled: a task that never launched dies without a process.
         self.launched = False
 
@@ -326,6 +330,9 @@ class TaskRunner:
     async def run(self) -> None:
         try:
             await self._run()
+        except Exception as exc:  # a bug or a host failure must end the task visibly, not hang
+            logger.exception("task runner failed", extra={"task": self.name})
+            self.fail_setup(f"task runner failed: {exc}")
         finally:
             if self._logs is not None:
                 for log in self._logs:
@@ -336,7 +343,7 @@ class TaskRunner:
     async def _run(self) -> None:
         while True:
             if self._kill_requested.is_set():
-                self._mark_dead(killed=False)
+                self._mark_dead()
                 return
             # Setup (artifact downloads, templates) runs as its own task so a kill can cut it.
             self._setup = asyncio.create_task(self._prepare(), name=f"devagent-setup-{self.name}")
@@ -350,14 +357,18 @@ class TaskRunner:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-                self._mark_dead(killed=False)
+                self._mark_dead()
                 return
             finally:
                 self._setup = None
             started = await self._start(env)
             if not started:
                 return
-            outcome = await self._wait()
+            if self._kill_requested.is_set():
+                # The kill came while the process was being spawned: it gets the sequence now.
+                outcome, _ = await asyncio.gather(self._wait(), self._terminate())
+            else:
+                outcome = await self._wait()
             terminated = task_event(
                 "Terminated",
                 _exit_display(outcome),
@@ -412,9 +423,24 @@ class TaskRunner:
             async with asyncio.timeout(delay / 1e9):
                 await self._kill_requested.wait()
         if self._kill_requested.is_set():
-            self._mark_dead(killed=False)
+            self._mark_dead()
             return False
         return True
+
+    def fail_setup(self, message: str) -> None:
+        """The task cannot run at all (the allocation directory could not be built...)."""
+        self.emit(
+            task_event(
+                "Setup Failure",
+                message,
+                details={"setup_error": message, "fails_task": "true"},
+                SetupError=message,
+                FailsTask=True,
+            ),
+            State="dead",
+            Failed=True,
+            FinishedAt=rfc3339(time.time_ns()),
+        )
 
     def emit_state(self, **state: Any) -> None:
         self.state.update(state)
@@ -434,9 +460,8 @@ class TaskRunner:
             FinishedAt=rfc3339(time.time_ns()),
         )
 
-    def _mark_dead(self, *, killed: bool) -> None:
-        if killed:
-            self.emit(task_event("Killed", "Task successfully killed"))
+    def _mark_dead(self) -> None:
+        """Dead without a process to kill: stopped before starting or between restarts."""
         self.emit_state(
             State="dead",
             FinishedAt=rfc3339(time.time_ns()) if self.state["StartedAt"] else None,
@@ -537,21 +562,24 @@ class TaskRunner:
         work_dir = config.get("work_dir") or str(self.task_dir)
         if self._logs is None and not self.task["LogConfig"].get("Disabled"):
             self._logs = await asyncio.to_thread(self.open_logs)
+        self._exited.clear()
+        self._terminating = False
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
-            self._process = ChildProcess(
-                subprocess.Popen(  # noqa: ASYNC220 - a vfork+exec, as asyncio's own spawn does
-                    [binary, *[str(a) for a in config.get("args") or []]],
-                    cwd=work_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_write,
-                    stderr=err_write,
-                    start_new_session=True,
-                ),
-                asyncio.get_running_loop(),
+            # Spawning off the loop: exec of a binary on a busy disk takes milliseconds, and
+            # close_fds (the default) keeps other tasks' pipes out of the child.
+            popen = await asyncio.to_thread(
+                subprocess.Popen,
+                [binary, *[str(a) for a in config.get("args") or []]],
+                cwd=work_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
+                start_new_session=True,
             )
+            self._process = ChildProcess(popen, asyncio.get_running_loop())
         except OSError as exc:
             for fd in (out_read, err_read):
                 os.close(fd)
@@ -560,15 +588,10 @@ class TaskRunner:
         finally:
             os.close(out_write)
             os.close(err_write)
-        loop = asyncio.get_running_loop()
-        self._pipes_done = []
         logs: tuple[RotatingLog | None, RotatingLog | None] = self._logs or (None, None)
-        for fd, log in zip((out_read, err_read), logs, strict=True):
-            done: asyncio.Future[None] = loop.create_future()
-            sink = _PipeSink(log, done)
-            await loop.connect_read_pipe(lambda sink=sink: sink, os.fdopen(fd, "rb", buffering=0))  # type: ignore[misc]
-            self._pipes_done.append(done)
-        self._exited.clear()
+        self._pipes_done = [
+            await _read_pipe(fd, log) for fd, log in zip((out_read, err_read), logs, strict=True)
+        ]
         started = task_event("Started", "Task started by client")
         # StartedAt moves with every (re)start, as Nomad records each transition to running.
         self.emit(started, State="running", StartedAt=rfc3339(started["Time"]))
@@ -630,29 +653,44 @@ class TaskRunner:
         self._kill_requested.set()
         if self._setup is not None:
             self._setup.cancel()
-        process = self._process
-        if process is not None and process.returncode is None:
-            name = self.task.get("KillSignal") or "SIGINT"
-            kill_signal = signal.Signals[name]
-            timeout = int(self.task["KillTimeout"])
-            shown = format_duration(timeout)
-            self.emit(
-                task_event(
-                    "Killing",
-                    f"Sent interrupt. Waiting {shown} before force killing",
-                    details={"kill_timeout": shown},
-                    KillTimeout=timeout,
-                )
-            )
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, kill_signal)
-            try:
-                async with asyncio.timeout(timeout / 1e9):
-                    await self._exited.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
+        await self._terminate()
         await self.finished.wait()
+
+    async def _terminate(self) -> None:
+        """The kill sequence for a running process; a no-op without one or when under way."""
+        process = self._process
+        if process is None or process.returncode is not None or self._terminating:
+            return
+        self._terminating = True
+        name = self.task.get("KillSignal") or "SIGINT"
+        kill_signal = signal.Signals[name]
+        timeout = int(self.task["KillTimeout"])
+        shown = format_duration(timeout)
+        self.emit(
+            task_event(
+                "Killing",
+                f"Sent interrupt. Waiting {shown} before force killing",
+                details={"kill_timeout": shown},
+                KillTimeout=timeout,
+            )
+        )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, kill_signal)
+        try:
+            async with asyncio.timeout(timeout / 1e9):
+                await self._exited.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _read_pipe(fd: int, log: RotatingLog | None) -> asyncio.Future[None]:
+    """Copy a task's output pipe into its log; the future completes at EOF."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    sink = _PipeSink(log, done)
+    await loop.connect_read_pipe(lambda: sink, os.fdopen(fd, "rb", buffering=0))
+    return done
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
@@ -753,7 +791,12 @@ class AllocRunner:
     async def _run(self) -> None:
         for runner in self.tasks.values():
             runner.emit(task_event("Received", "Task received by client"))
-        await asyncio.to_thread(self._prepare_dirs)
+        try:
+            await asyncio.to_thread(self._prepare_dirs)
+        except OSError as exc:
+            for runner in self.tasks.values():
+                runner.fail_setup(f"failed to build task directories: {exc}")
+            return
         for runner in self.tasks.values():
             runner.emit(
                 task_event(

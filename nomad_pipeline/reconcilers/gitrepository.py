@@ -270,10 +270,13 @@ class GitRepositoryReconciler:
             )
         if outcome.file_errors:
             first = outcome.file_errors[0]
-            message = (
-                f"{summary}; {len(outcome.file_errors)} file error(s), first {first.path}: "
-                f"{first.message}"
+            # Loader messages already start with the file's path.
+            detail = (
+                first.message
+                if first.message.startswith(first.path)
+                else f"{first.path}: {first.message}"
             )
+            message = f"{summary}; {len(outcome.file_errors)} file error(s), first {detail}"
             return _condition("False", "ApplyFailed", message, now, generation)
         if outcome.prune_errors:
             message = f"{summary}; pruning failed: {'; '.join(outcome.prune_errors)}"

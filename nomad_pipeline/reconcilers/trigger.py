@@ -123,11 +123,14 @@ class TriggerReconciler:
             return await self._reconcile_cron(trigger, now)
         if source.git is not None:
             return await self._reconcile_git(trigger, now)
+        webhook = source.webhook
+        listening = "waiting for webhook deliveries"
+        if webhook is not None and webhook.secret is None:
+            listening += " (no secret: deliveries are not authenticated)"
         await self._write_status(
             trigger,
             conditions=_with_ready(
-                trigger.status,
-                _condition("True", "Listening", "waiting for webhook deliveries", now, generation),
+                trigger.status, _condition("True", "Listening", listening, now, generation)
             ),
         )
         return Result()

@@ -736,8 +736,9 @@ class TriggerStatus(Status):
     # The schedule time being fired, recorded before the run is created (crash safety).
     pending_fire_time: datetime | None = None
     last_run: str | None = None
-    # Recent webhook delivery ids, newest last, so a replayed delivery starts no second run.
-    last_delivery_ids: list[str] = Field(default_factory=list)
+    # Recent webhook deliveries, oldest first: delivery id -> the name of the run it starts,
+    # recorded before the run is created, so a replayed delivery starts no second run.
+    last_deliveries: dict[str, str] = Field(default_factory=dict)
     last_revision: str | None = None
     message: str = ""
 

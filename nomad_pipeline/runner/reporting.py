@@ -158,7 +158,9 @@ class Outbox:
         async with self._lock:
             # Once anything is spilled, later events follow it to the file to keep the order.
             if self._spilled or self._memory_bytes + len(encoded) > self._memory_limit:
-                await asyncio.to_thread(self._append_spill, encoded)
+                # The first spilled event starts the file afresh: whatever an earlier runner
+                # process left there was numbered for a run attempt that is over.
+                await asyncio.to_thread(self._append_spill, encoded, not self._spilled)
                 self._spilled += 1
                 return
             self._memory.append(encoded)
@@ -197,9 +199,9 @@ class Outbox:
             await asyncio.to_thread(self._spill_path.unlink, missing_ok=True)
             self._spill_read_offset = 0
 
-    def _append_spill(self, encoded: bytes) -> None:
+    def _append_spill(self, encoded: bytes, fresh: bool) -> None:
         self._spill_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._spill_path.open("ab") as spill:
+        with self._spill_path.open("wb" if fresh else "ab") as spill:
             spill.write(encoded + b"\n")
 
     def _read_spill(self, offset: int, max_bytes: int) -> tuple[list[bytes], int]:

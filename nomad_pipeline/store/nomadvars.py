@@ -55,6 +55,11 @@ _HASH_LENGTH = 32
 
 DEFAULT_FETCH_CONCURRENCY = 32
 DEFAULT_POLL_WAIT = "5m"
+# Each sync pass lists every variable under the prefix (10,000 objects: ~1.5 MB). Under a
+# stream of writes the blocking query would return at once every time; spacing passes at least
+# this far apart coalesces bursts. Our own writes reach the cache at once regardless; only other
+# writers' changes wait up to this long.
+DEFAULT_MIN_SYNC_INTERVAL = 0.2
 RETRY_DELAY_SECONDS = 0.2
 RETRY_DELAY_MAX_SECONDS = 5.0
 
@@ -81,6 +86,7 @@ class NomadVarsStore(CachingStore):
         clock: Clock = utc_now,
         fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY,
         poll_wait: str = DEFAULT_POLL_WAIT,
+        min_sync_interval: float = DEFAULT_MIN_SYNC_INTERVAL,
     ) -> None:
         super().__init__(history_size=history_size, clock=clock, kinds=kinds)
         prefix = prefix.strip("/")
@@ -96,6 +102,7 @@ class NomadVarsStore(CachingStore):
         self._prefix = prefix
         self._fetch_concurrency = fetch_concurrency
         self._poll_wait = poll_wait
+        self._min_sync_interval = min_sync_interval
         # Variable path → (kind, namespace, name) of the cached object it holds.
         self._keys: dict[str, tuple[str, str, str]] = {}
         # Paths we deleted, with the delete's index: an older copy fetched by a sync that raced
@@ -239,8 +246,14 @@ class NomadVarsStore(CachingStore):
     # ---- following Nomad -------------------------------------------------------------------
 
     async def _follow(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
         delay = RETRY_DELAY_SECONDS
+        last_pass = loop.time()
         while True:
+            remaining = self._min_sync_interval - (loop.time() - last_pass)
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            last_pass = loop.time()
             try:
                 metadata, new_index = await self._client.list_variables(
                     f"{self._prefix}/",
@@ -253,6 +266,15 @@ class NomadVarsStore(CachingStore):
                 logger.warning(
                     "nomad-vars store could not follow Nomad; retrying",
                     extra={"error": str(error), "retry_in": delay},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY_MAX_SECONDS)
+                continue
+            except (KeyError, TypeError, ValueError):
+                # A malformed answer must not end the follower: the cache would silently freeze.
+                logger.exception(
+                    "nomad-vars store got an unexpected answer from Nomad; retrying",
+                    extra={"retry_in": delay},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_MAX_SECONDS)

@@ -166,6 +166,18 @@ async def test_delete_by_name_and_by_file_and_not_found(
     assert (ignored.code, ignored.err) == (0, "")
 
     await controller.cli("apply", "-f", str(manifests))
+    other = FLOW.replace("build-test", "deploy")
+    await controller.cli("apply", "-f", "-", stdin=other)
+    in_use = await controller.cli("delete", "ns", "team-a")
+    assert in_use.code == 1
+    assert in_use.err.startswith("error: Conflict: ")
+    # One failure does not stop the others; the exit code reports it.
+    several = await controller.cli("delete", "flow", "deploy", "ghost", "-n", "team-a")
+    assert several.code == 1
+    assert several.out == "flow.nomad-pipeline.io/deploy deleted\n"
+    assert several.err.startswith("error: NotFound: ")
+    assert "ghost" in several.err
+
     by_file = await controller.cli("delete", "-f", str(manifests))
     # The namespace goes last: it cannot be deleted while it holds the flow.
     assert by_file.out.splitlines() == [

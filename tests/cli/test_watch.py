@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 from cli_harness import CLI_BINARY, Controller, start_controller
@@ -75,9 +76,16 @@ async def test_get_watch_prints_new_rows_for_changes(
         assert added.split()[0] == "deploy"
         # Rows printed later keep the header's columns.
         assert added.index("inline") == header.index("TYPE")
+
+        # Ctrl-C ends the watch quietly.
+        watcher.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(watcher.communicate(), LINE_DEADLINE)
+        assert watcher.returncode == 130
+        assert err == b""
     finally:
-        watcher.terminate()
-        await watcher.wait()
+        if watcher.returncode is None:
+            watcher.terminate()
+            await watcher.wait()
 
 
 async def test_get_one_object_watch_recovers_from_an_expired_version(tmp_path: Path) -> None:

@@ -223,3 +223,17 @@ async def test_python_nomad_cat_error_is_a_bad_request(
     client = python_nomad(agent)
     with pytest.raises(nomad_errors.BadRequestNomadException):
         await asyncio.to_thread(client.client.cat.read_file, finished_alloc, "../../etc/passwd")
+
+
+async def test_stream_a_file_without_following(api: Api, finished_alloc: str) -> None:
+    async with api.session.get(
+        f"{api.address}/v1/client/fs/stream/{finished_alloc}",
+        params={"path": "alloc/data/out.json", "follow": "false", "offset": "2"},
+    ) as response:
+        assert response.status == 200
+        body = await response.text()
+    frame, end = json.JSONDecoder().raw_decode(body)
+    assert body[end:] == ""
+    assert frame["File"] == "alloc/data/out.json"
+    assert base64.b64decode(frame["Data"]) == b'ok": true}\n'
+    assert frame["Offset"] == len('{"ok": true}\n')

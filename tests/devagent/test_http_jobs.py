@@ -547,3 +547,24 @@ async def test_a_restart_keeps_finished_allocations_and_marks_lost_work(tmp_path
         assert lost["ClientStatus"] != "complete"
         assert (await api.ok("GET", "/v1/var/kept"))["Items"] == {"k": "v"}
         await api.ok("DELETE", "/v1/job/busy", params={"purge": "true"})
+
+
+async def test_job_allocations_query_wakes_only_for_that_job(api: Api) -> None:
+    await api.ok("PUT", "/v1/jobs", json_body={"Job": batch_job("quiet", "true")})
+    await wait_job_status(api, "quiet", "dead")
+    _, headers, _ = await api.get("/v1/job/quiet/allocations")
+    index = int(headers["X-Nomad-Index"])
+    waiter = asyncio.create_task(
+        api.get("/v1/job/quiet/allocations", params={"index": str(index), "wait": "20s"})
+    )
+    # Another job's allocations move the table's index but do not answer the query...
+    await api.ok("PUT", "/v1/jobs", json_body={"Job": batch_job("noisy", "true")})
+    await wait_job_status(api, "noisy", "dead")
+    assert not waiter.done()
+    # ...a new allocation of this job does (a changed spec runs it again).
+    changed = batch_job("quiet", "true", meta={"nonce": "2"})
+    await api.ok("PUT", "/v1/jobs", json_body={"Job": changed})
+    status, headers, allocs = await asyncio.wait_for(waiter, 10)
+    assert status == 200
+    assert len(allocs) == 2
+    assert int(headers["X-Nomad-Index"]) > index

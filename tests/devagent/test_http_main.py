@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from devagent_http_support import api_client, batch_job, eventually, running_agent
 
-from nomad_pipeline.devagent.__main__ import build_parser, config_from_args
+from nomad_pipeline.devagent.server import build_parser, config_from_args
 
 
 async def start_process(*args: str) -> tuple[asyncio.subprocess.Process, str]:

@@ -244,8 +244,9 @@ async def test_lock_operation_errors(api: Api) -> None:
     assert (status, text) == (400, "missing lock information")
 
 
+@pytest.mark.timeout(60)
 async def test_lock_expires_after_twice_the_ttl_then_the_lock_delay(api: Api) -> None:
-    """Nomad's minimum TTL is 10s, so this test waits out the real 2 x 10s."""
+    """Nomad's minimum TTL is 10s, so this test waits out the real 2 x 10s (about 21 s)."""
     acquired = await api.ok(
         "PUT",
         "/v1/var/expiring",

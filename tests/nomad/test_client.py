@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from nomad_pipeline.errors import Conflict, Invalid, NomadError, NotFound
+from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
+from nomad_pipeline.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NomadError,
+    NomadUnavailable,
+    NotFound,
+)
 from nomad_pipeline.nomad.client import JSON, NomadClient, VariableConflict
 
 WAIT_SECONDS = 20.0
@@ -245,3 +253,39 @@ async def test_parse_job_or_a_clear_error(nomad: NomadClient) -> None:
     assert job["ID"] == "parsed"
     with pytest.raises(Invalid):
         await nomad.parse_job("")
+
+
+async def test_a_token_nomad_refuses_is_forbidden(tmp_path: Any) -> None:
+    agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "acl", acl_token="s3cret"))
+    address = await agent.start()
+    try:
+        async with NomadClient(address) as anonymous, NomadClient(address, "s3cret") as admin:
+            with pytest.raises(Forbidden, match="Permission denied"):
+                await anonymous.list_variables()
+            with pytest.raises(Forbidden):
+                await NomadClient(address, "wrong").put_variable("a", {"k": "v"})
+            await admin.put_variable("a", {"k": "v"})
+            assert (await admin.get_variable("a"))["Items"] == {"k": "v"}
+    finally:
+        await agent.stop()
+
+
+async def test_an_event_stream_that_breaks_is_unavailable(tmp_path: Any) -> None:
+    agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "ev"))
+    address = await agent.start()
+    stopped = False
+    try:
+        async with NomadClient(address) as nomad:
+            await nomad.register_job(batch_job("np-ev-c", "pass"))
+            stream = nomad.event_stream(["Job"], index=0)
+            async with asyncio.timeout(WAIT_SECONDS):
+                first = await anext(stream)
+                assert first["Events"]
+                await agent.stop()
+                stopped = True
+                with pytest.raises(NomadUnavailable):
+                    while True:
+                        await anext(stream)
+    finally:
+        if not stopped:
+            await agent.stop()

@@ -42,3 +42,11 @@ async def test_a_single_event_larger_than_a_batch_still_goes_out(tmp_path: Path)
     assert await outbox.peek(100) == [b"x" * 500]
     await outbox.commit(1)
     assert await outbox.peek(100) == [b"y"]
+
+
+async def test_a_spill_file_left_by_an_earlier_runner_is_not_replayed(tmp_path: Path) -> None:
+    spill = tmp_path / "events"
+    spill.write_bytes(b'{"seq":1,"stale":true}\n')
+    outbox = Outbox(spill, memory_limit=10)
+    await outbox.put(b'{"seq":7}')
+    assert await outbox.peek(1000) == [b'{"seq":7}']

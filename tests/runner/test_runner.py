@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -348,3 +350,18 @@ def test_the_token_secret_survives_a_restart(tmp_path: Path) -> None:
     assert len(token) == 64
     assert token != runner_token(first, "default", "01other")
     assert token != runner_token(first, "other", "01run")
+
+
+async def test_missing_configuration_is_named(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nomad_pipeline.runner",
+        env={"PATH": os.environ["PATH"], "NP_CONTROLLER_ADDR": "http://127.0.0.1:1"},
+        cwd=tmp_path,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(DEADLINE):
+        _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"environment variable NP_RUN_NAMESPACE is required" in stderr

@@ -9,10 +9,10 @@ Answers, all JSON:
   without a webhook source or a malformed body, 413 a body over 5 MB.
 
 A trigger without a ``secret`` accepts unauthenticated deliveries, as the seed did; its Ready
-condition says so. Repeated deliveries are recognised by the provider's delivery ID: the ID is
-recorded in the trigger's status with the resource-version precondition before the run is
-created (so two concurrent copies cannot both start one), and a run carrying that ID in
-``spec.trigger.delivery_id`` answers any later copy.
+condition says so. Repeated deliveries are recognised by the provider's delivery ID: the ID and
+the run name it starts are recorded in the trigger's status with the resource-version
+precondition before the run is created; every later copy (concurrent, or after a crash between
+the record and the create) creates that same name, so one run exists and later copies get 200.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from nomad_pipeline.controller.api.native import shielded
 from nomad_pipeline.controller.api.runs import create_run
 from nomad_pipeline.controller.api.seed import namespace_scope
 from nomad_pipeline.controller.secrets import SecretResolver
-from nomad_pipeline.errors import Conflict, Invalid, TooLarge
-from nomad_pipeline.resources.kinds import Flow, Run, RunTrigger, Trigger
+from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, TooLarge
+from nomad_pipeline.resources.kinds import Flow, RunTrigger, Trigger
 from nomad_pipeline.resources.meta import API_GROUP
 from nomad_pipeline.resources.ulid import new_ulid, ulid_for
 from nomad_pipeline.store.interface import Store
@@ -66,25 +66,22 @@ async def _read_body(request: web.Request) -> bytes:
     return body
 
 
-async def _existing_run(store: Store, trigger: Trigger, delivery_id: str) -> Run | None:
-    runs = await store.list(
-        Run, trigger.metadata.namespace, selector={TRIGGER_LABEL: trigger.metadata.name}
-    )
-    return next((r for r in runs.items if r.spec.trigger.delivery_id == delivery_id), None)
-
-
-async def _record_delivery(store: Store, trigger: Trigger, delivery_id: str) -> bool:
-    """Record the delivery ID (CAS); False when another copy of it got there first."""
+async def _record_delivery(store: Store, trigger: Trigger, delivery_id: str, run_name: str) -> str:
+    """Record that ``delivery_id`` starts ``run_name`` (CAS), before the run is created; the
+    run name recorded by an earlier copy of the delivery when there is one. Every copy then
+    creates the same run name, so one run exists however many copies arrive, concurrently or
+    after a crash between the record and the create."""
     for _ in range(_RECORD_ATTEMPTS):
-        seen = trigger.status.last_delivery_ids
+        seen = trigger.status.last_deliveries
         if delivery_id in seen:
-            return False
+            return seen[delivery_id]
+        recent = list(seen.items())[-(REMEMBERED_DELIVERIES - 1) :]
         status = trigger.status.model_copy(
-            update={"last_delivery_ids": [*seen, delivery_id][-REMEMBERED_DELIVERIES:]}
+            update={"last_deliveries": {**dict(recent), delivery_id: run_name}}
         )
         try:
             await store.update_status(trigger.model_copy(update={"status": status}))
-            return True
+            return run_name
         except Conflict:
             trigger = await store.get(Trigger, trigger.metadata.namespace, trigger.metadata.name)
     raise Conflict(f"trigger {trigger.metadata.name} kept changing; redeliver the webhook")
@@ -128,29 +125,30 @@ async def receive(request: web.Request) -> web.Response:
     flow = await store.get(Flow, namespace, trigger.spec.flow)
 
     async def start() -> web.Response:
-        if delivery.delivery_id:
-            existing = await _existing_run(store, trigger, delivery.delivery_id)
-            if existing is not None:
-                return web.json_response({"run": existing.metadata.name}, status=200)
-            await _record_delivery(store, trigger, delivery.delivery_id)
         # Without a delivery ID nothing identifies a repeat: every copy is a new delivery.
         seed = f"{trigger.metadata.uid}/webhook/{delivery.delivery_id or new_ulid()}"
-        run = await create_run(
-            store,
-            flow,
-            {
-                **trigger.spec.variables,
-                **{f"trigger.{name}": value for name, value in delivery.variables.items()},
-            },
-            trigger=RunTrigger(
-                type="webhook",
-                name=trigger.metadata.name,
-                delivery_id=delivery.delivery_id or None,
-                event=delivery.event,
-            ),
-            name=ulid_for(datetime.now(UTC), seed),
-            labels={TRIGGER_LABEL: trigger.metadata.name},
-        )
+        name = ulid_for(datetime.now(UTC), seed)
+        if delivery.delivery_id:
+            name = await _record_delivery(store, trigger, delivery.delivery_id, name)
+        try:
+            run = await create_run(
+                store,
+                flow,
+                {
+                    **trigger.spec.variables,
+                    **{f"trigger.{key}": value for key, value in delivery.variables.items()},
+                },
+                trigger=RunTrigger(
+                    type="webhook",
+                    name=trigger.metadata.name,
+                    delivery_id=delivery.delivery_id or None,
+                    event=delivery.event,
+                ),
+                name=name,
+                labels={TRIGGER_LABEL: trigger.metadata.name},
+            )
+        except AlreadyExists:
+            return web.json_response({"run": name}, status=200)
         return web.json_response({"run": run.metadata.name}, status=201)
 
     return await shielded(request.app, start())

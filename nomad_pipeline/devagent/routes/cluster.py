@@ -253,9 +253,12 @@ async def node_handler(request: web.Request) -> web.Response:
             node = _find_node(request, node_id)
             wanted = node["ID"] if node is not None else node_id
             allocs = [a for a in state.rows("allocs") if a.get("NodeID") == wanted]
-            return sorted(allocs, key=lambda a: a["CreateIndex"]), state.table_index("allocs")
+            newest = max((int(a["ModifyIndex"]) for a in allocs), default=0)
+            return sorted(allocs, key=lambda a: a["CreateIndex"]), newest
 
-        allocs, index = await blocking_query(request, ("allocs",), read_allocs)
+        allocs, index = await blocking_query(
+            request, ("allocs",), read_allocs, reply_index=lambda: state.table_index("allocs")
+        )
         return json_response(request, allocs, index=index)
     if "/" in tail:
         raise NomadHTTPError(404, "Invalid URL path")

@@ -154,6 +154,11 @@ def _in_namespace(obj: Obj, namespace: str) -> bool:
     return namespace == "*" or obj.get("Namespace", "default") == namespace
 
 
+def _newest(objects: list[Obj]) -> int:
+    """The highest ModifyIndex among ``objects``: what wakes a blocking query on them."""
+    return max((int(o.get("ModifyIndex") or 0) for o in objects), default=0)
+
+
 def _by_create(obj: Obj) -> str:
     """Sort key and page token for lists in creation order (allocations, evaluations)."""
     return f"{obj.get('CreateIndex', 0):020d}.{obj['ID']}"
@@ -347,9 +352,11 @@ async def _job_allocations(request: web.Request, job_id: str) -> web.Response:
 
     def read() -> tuple[list[Obj], int]:
         allocs = engine.job_allocations(namespace, job_id, all_instances=every_instance)
-        return allocs, state.table_index("allocs")
+        return allocs, _newest(allocs)
 
-    allocs, index = await blocking_query(request, ("allocs",), read)
+    allocs, index = await blocking_query(
+        request, ("allocs",), read, reply_index=lambda: state.table_index("allocs")
+    )
     return json_response(request, [alloc_stub(a) for a in allocs], index=index)
 
 
@@ -359,9 +366,12 @@ async def _job_evaluations(request: web.Request, job_id: str) -> web.Response:
     namespace = query_namespace(request)
 
     def read() -> tuple[list[Obj], int]:
-        return engine.job_evaluations(namespace, job_id), state.table_index("evals")
+        evals = engine.job_evaluations(namespace, job_id)
+        return evals, _newest(evals)
 
-    evals, index = await blocking_query(request, ("evals",), read)
+    evals, index = await blocking_query(
+        request, ("evals",), read, reply_index=lambda: state.table_index("evals")
+    )
     return json_response(request, evals, index=index)
 
 
@@ -371,12 +381,18 @@ async def _job_summary(request: web.Request, job_id: str) -> web.Response:
     namespace = query_namespace(request)
 
     def read() -> tuple[Obj | None, int]:
-        if state.get("jobs", row_key(namespace, job_id)) is None:
+        job = state.get("jobs", row_key(namespace, job_id))
+        if job is None:
             return None, state.table_index("jobs")
-        summary = engine.job_summary(namespace, job_id)
-        return summary, int(summary.get("ModifyIndex") or state.table_index("jobs", "allocs"))
+        # The counts move with the job's allocations and (Queued) its blocked evaluations.
+        index = max(
+            job["ModifyIndex"],
+            _newest(engine.job_allocations(namespace, job_id)),
+            _newest(engine.job_evaluations(namespace, job_id)),
+        )
+        return engine.job_summary(namespace, job_id), index
 
-    summary, index = await blocking_query(request, ("jobs", "allocs"), read)
+    summary, index = await blocking_query(request, ("jobs", "allocs", "evals"), read)
     if summary is None:
         raise NomadHTTPError(404, "job not found")
     return json_response(request, summary, index=index)
@@ -491,9 +507,11 @@ async def evaluation_handler(request: web.Request) -> web.Response:
 
         def read_allocs() -> tuple[list[Obj], int]:
             allocs = [a for a in state.rows("allocs") if a.get("EvalID") == eval_id]
-            return sorted(allocs, key=_by_create), state.table_index("allocs")
+            return sorted(allocs, key=_by_create), _newest(allocs)
 
-        allocs, index = await blocking_query(request, ("allocs",), read_allocs)
+        allocs, index = await blocking_query(
+            request, ("allocs",), read_allocs, reply_index=lambda: state.table_index("allocs")
+        )
         return json_response(request, [alloc_stub(a) for a in allocs], index=index)
     if "/" in tail:
         raise NomadHTTPError(404, "Invalid URL path")
