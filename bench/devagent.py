@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -228,7 +229,11 @@ async def bench_concurrency(
 
 async def main_async(samples: int, concurrent: int) -> None:
     async with agent_process() as address, aiohttp.ClientSession() as session:
-        print(f"dev agent at {address}; {samples} samples per latency figure")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(
+            f"dev agent at {address}; {samples} samples per latency figure; "
+            f"{os.cpu_count()} CPUs, load average {load}"
+        )
         report(
             "register -> allocation running",
             await bench_register_to_running(session, address, samples),

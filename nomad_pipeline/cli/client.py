@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
@@ -241,6 +241,27 @@ class ApiClient:
                 raise _error_from_body(event.get("object"), default_status=500)
             yield event
 
+    async def object_updates(
+        self, plural: str, namespace: str | None, name: str, *, resource_version: str | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Each new state of one object, written after ``resource_version``, for as long as the
+        caller reads. Past an expired version it resumes from the current state (which may
+        repeat one); the object's deletion is raised as ``NotFound``."""
+        version = resource_version
+        while True:
+            try:
+                async for event in self.watch(plural, namespace, resource_version=version):
+                    obj = event.get("object")
+                    if not isinstance(obj, dict) or dig(obj, "metadata", "name") != name:
+                        continue
+                    version = str(dig(obj, "metadata", "resource_version") or version)
+                    if event.get("type") == "DELETED":
+                        raise NotFound(f"{plural} {namespace}/{name} was deleted while waiting")
+                    yield obj
+            except Gone:
+                # Without a version the server starts with the current state of every object.
+                version = None
+
     # --- runs (seed v1 routes) ----------------------------------------------------------------
 
     async def start_run(self, namespace: str, flow: str, variables: Mapping[str, str]) -> str:
@@ -264,6 +285,19 @@ class ApiClient:
         await self.request(
             "PUT", f"/v1/runs/{quote(run, safe='')}/cancel", params={"namespace": namespace}
         )
+
+    async def request_sync(self, namespace: str, repository: str) -> str:
+        """Ask for an immediate GitOps sync; returns the request's mark, which the repository's
+        ``status.last_handled_reconcile_at`` shows once a sync answered it."""
+        body = await self.request(
+            "POST",
+            f"/v1/gitrepositories/{quote(repository, safe='')}/sync",
+            params={"namespace": namespace},
+        )
+        requested_at = dig(body, "requested_at")
+        if not isinstance(requested_at, str) or not requested_at:
+            raise NomadPipelineError(f"the controller's sync answer has no requested_at: {body!r}")
+        return requested_at
 
     async def step_log_lines(
         self, namespace: str, run: str, step: str, stream: str, *, follow: bool

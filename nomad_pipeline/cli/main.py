@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = command("sync", objects.sync_command, "ask for an immediate GitRepository sync")
     sync.add_argument("name", metavar="GITREPO")
+    sync.add_argument(
+        "--wait", action="store_true", help="wait for the sync; exit 0 when the repo is Ready"
+    )
 
     run = command("run", runs.run_command, "start a run of a flow; prints the run name")
     run.add_argument("flow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,10 +13,13 @@ from nomad_pipeline.cli.client import ApiClient, ControllerUnreachableError
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.describe import describe_object
 from nomad_pipeline.cli.output import (
+    NONE,
     OutputFormat,
     Table,
     columns_for,
+    dig,
     error_line,
+    find_condition,
     kind_name,
     object_name,
     render_objects,
@@ -23,15 +27,14 @@ from nomad_pipeline.cli.output import (
     to_yaml,
     unified_diff,
 )
-from nomad_pipeline.errors import Conflict, Gone, Invalid, NomadPipelineError, NotFound
+from nomad_pipeline.errors import Gone, Invalid, NomadPipelineError, NotFound
 from nomad_pipeline.resources.manifests import Manifest, load_paths, load_text
 from nomad_pipeline.resources.meta import Resource
 from nomad_pipeline.resources.registry import kind_for
 from nomad_pipeline.resources.schema import json_schemas
 
 STDIN_PATH = "-"
-RECONCILE_REQUESTED_AT = "nomad-pipeline.io/reconcile-requested-at"
-SYNC_CONFLICT_ATTEMPTS = 5
+GITREPOSITORIES = "gitrepositories"
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -299,24 +302,35 @@ async def schema_command(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def sync_command(ctx: Context, args: argparse.Namespace) -> int:
-    """Ask for an immediate reconcile of a GitRepository, as ``flux reconcile`` does: a new
-    value of the reconcile-requested annotation is a metadata change the reconciler is woken
-    by. Written with the object's resource_version, retried when another writer got first."""
-    kind = kind_for("gitrepository")
-    namespace = ctx.namespace
+    """Ask for an immediate GitRepository sync, as ``flux reconcile`` does; with ``--wait``,
+    wait for the sync that answers it and exit 0 only if the repository is Ready."""
+    label = kind_name("GitRepository", args.name)
     async with ctx.api() as api:
-        for _attempt in range(SYNC_CONFLICT_ATTEMPTS):
-            obj = await api.get_object(kind.PLURAL, namespace, args.name)
-            obj.pop("status", None)
-            annotations = obj["metadata"].setdefault("annotations", {})
-            annotations[RECONCILE_REQUESTED_AT] = ctx.now().isoformat()
-            try:
-                await api.apply([obj], dry_run=False)
-            except Conflict:
-                continue
-            ctx.out(f"{kind_name(kind.KIND, args.name)} reconcile requested")
+        requested_at = await api.request_sync(ctx.namespace, args.name)
+        ctx.out(f"{label} sync requested")
+        if not args.wait:
             return 0
-    raise Conflict(
-        f"{kind_name(kind.KIND, args.name)} kept changing; reconcile was not requested after "
-        f"{SYNC_CONFLICT_ATTEMPTS} attempts"
-    )
+        repository = await api.get_object(GITREPOSITORIES, ctx.namespace, args.name)
+        if not _answered(repository, requested_at):
+            version = str(dig(repository, "metadata", "resource_version") or "0")
+            updates = api.object_updates(
+                GITREPOSITORIES, ctx.namespace, args.name, resource_version=version
+            )
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    if _answered(update, requested_at):
+                        repository = update
+                        break
+    ready = find_condition(repository, "Ready")
+    revision = dig(repository, "status", "last_applied_revision") or NONE
+    if ready is not None and ready.get("status") == "True":
+        ctx.out(f"{label} synced: revision {revision}")
+        return 0
+    why = "no Ready condition" if ready is None else ready.get("message") or ready.get("reason")
+    ctx.err(f"error: SyncFailed: {label} is not ready after the sync: {why}")
+    return 1
+
+
+def _answered(repository: Mapping[str, Any], requested_at: str) -> bool:
+    handled = dig(repository, "status", "last_handled_reconcile_at")
+    return isinstance(handled, str) and handled == requested_at

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nomad_pipeline.cli.client import ApiClient
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.output import dig, flow_steps, kind_name, run_steps
-from nomad_pipeline.errors import Gone, Invalid, NotFound
+from nomad_pipeline.errors import Invalid
 from nomad_pipeline.resources.kinds import TERMINAL_PHASES
 
 RUNS = "runs"
@@ -134,22 +135,15 @@ async def follow_run(
             for stream in LOG_STREAMS
         ]
         printer.update(run)
-        version: str | None = str(dig(run, "metadata", "resource_version") or "0")
-        while printer.run_phase not in TERMINAL_PHASES:
-            try:
-                async for event in api.watch(RUNS, namespace, resource_version=version):
-                    obj = event.get("object")
-                    if not isinstance(obj, dict) or dig(obj, "metadata", "name") != run_id:
-                        continue
-                    version = str(dig(obj, "metadata", "resource_version") or version)
-                    if event.get("type") == "DELETED":
-                        raise NotFound(f"run {run_id} was deleted while waiting for it")
-                    printer.update(obj)
+        if printer.run_phase not in TERMINAL_PHASES:
+            version = str(dig(run, "metadata", "resource_version") or "0")
+            # Closed on leaving, so the watch connection ends with the wait.
+            updates = api.object_updates(RUNS, namespace, run_id, resource_version=version)
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    printer.update(update)
                     if printer.run_phase in TERMINAL_PHASES:
                         break
-            except Gone:
-                # Resume from the current state: the server starts with ADDED for what exists.
-                version = None
         if log_tasks:
             _, pending = await asyncio.wait(log_tasks, timeout=LOG_DRAIN_TIMEOUT)
             for task in pending:

@@ -48,6 +48,9 @@ NOMAD_VERSION = "1.9.7"
 ZERO_TIME = "0001-01-01T00:00:00Z"
 DISPATCH_PAYLOAD_LIMIT = 16384
 DEFAULT_NAMESPACE = "default"
+# Evaluations planned, or client updates applied, per commit: large enough to amortise a
+# commit under a burst, small enough that one batch keeps the event loop busy only briefly.
+MAX_BATCH = 32
 
 
 def _write_response(index: int, **fields: Any) -> Obj:
@@ -208,6 +211,7 @@ class Engine:
         self._dirty: dict[str, dict[str, Obj]] = {}
         self._flush_wake = asyncio.Event()
         self._log_waiters: dict[str, asyncio.Event] = {}
+        self._log_waiter_counts: dict[str, int] = {}
         self._host_env = host_environment()
         self._worker: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -522,9 +526,17 @@ class Engine:
         waiter = self._log_waiters.get(alloc_id)
         if waiter is None:
             waiter = self._log_waiters[alloc_id] = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await waiter.wait()
+        self._log_waiter_counts[alloc_id] = self._log_waiter_counts.get(alloc_id, 0) + 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter.wait()
+        finally:
+            left = self._log_waiter_counts.pop(alloc_id) - 1
+            if left:
+                self._log_waiter_counts[alloc_id] = left
+            elif self._log_waiters.get(alloc_id) is waiter:
+                del self._log_waiters[alloc_id]  # the last follower left: forget the event
 
     def _log_written(self, alloc_id: str) -> None:
         waiter = self._log_waiters.pop(alloc_id, None)
@@ -547,9 +559,25 @@ class Engine:
                     errors.append(f'Task {task.get("Name")} has unknown KillSignal "{kill_signal}"')
         return canonical, errors
 
-    def _require_namespace(self, namespace: str, job_id: str) -> None:
-        if self.state.get("namespaces", namespace) is None:
-            raise NomadHTTPError(500, f'job "{job_id}" is in nonexistent namespace "{namespace}"')
+    def _admit(self, namespace: str, job: Obj) -> None:
+        """The namespace must exist and allow every task driver the job uses."""
+        found = self.state.get("namespaces", namespace)
+        if found is None:
+            raise NomadHTTPError(
+                500, f'job "{job["ID"]}" is in nonexistent namespace "{namespace}"'
+            )
+        capabilities = found.get("Capabilities") or {}
+        enabled = capabilities.get("EnabledTaskDrivers") or []
+        disabled = capabilities.get("DisabledTaskDrivers") or []
+        for group in job["TaskGroups"]:
+            for task in group["Tasks"]:
+                driver = task["Driver"]
+                if (enabled and driver not in enabled) or driver in disabled:
+                    raise NomadHTTPError(
+                        500,
+                        f'used task driver "{driver}" in {group["Name"]}[{task["Name"]}] '
+                        f"is not allowed in namespace {namespace}",
+                    )
 
     async def register_job(
         self,
@@ -565,7 +593,7 @@ class Engine:
         if errors:
             raise NomadHTTPError(500, jobspec.multierror_text(errors))
         job_id = canonical["ID"]
-        self._require_namespace(namespace, job_id)
+        self._admit(namespace, canonical)
         job_key = row_key(namespace, job_id)
         existing = self.state.get("jobs", job_key)
         if enforce_index:
@@ -857,7 +885,7 @@ class Engine:
     async def _eval_loop(self) -> None:
         while True:
             batch = [await self._eval_queue.get()]
-            while not self._eval_queue.empty():
+            while not self._eval_queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._eval_queue.get_nowait())
             try:
                 await self._process_evals(batch)
@@ -873,6 +901,8 @@ class Engine:
                     except Exception:
                         log.exception("evaluation failed", extra={"eval_id": eval_id})
                         await self._fail_eval(eval_id)
+            # An in-memory commit never suspends: yield so a burst cannot starve the loop.
+            await asyncio.sleep(0)
 
     async def _fail_eval(self, eval_id: str) -> None:
         evaluation = self.state.get("evals", eval_id)
@@ -1251,15 +1281,22 @@ class Engine:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             try:
-                await self._flush_dirty()
+                await self._flush_dirty(limit=MAX_BATCH)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("client update failed")
+            if self._dirty:
+                # More than one batch waits: let HTTP handlers run before the next one.
+                self._flush_wake.set()
+                await asyncio.sleep(0)
 
-    async def _flush_dirty(self) -> None:
-        """Commit every reported task-state change since the last flush, in one transaction."""
-        dirty, self._dirty = self._dirty, {}
+    async def _flush_dirty(self, *, limit: int | None = None) -> None:
+        """Commit reported task-state changes (at most ``limit`` allocations) in one commit."""
+        if limit is None or len(self._dirty) <= limit:
+            dirty, self._dirty = self._dirty, {}
+        else:
+            dirty = {k: self._dirty.pop(k) for k in list(self._dirty)[:limit]}
         if not dirty:
             return
         txn = _Txn(self, "AllocationUpdated")

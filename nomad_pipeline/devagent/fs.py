@@ -258,8 +258,9 @@ async def _stream(
     writer: _FrameWriter,
     *,
     follow: bool,
-    refresh: Callable[[], list[Path]],
+    rotations: Callable[[], list[Path]] | None,
 ) -> None:
+    """Send ``cursor``'s file from its position on; with ``rotations``, move on to newer ones."""
     files = request.app[FILES_KEY]
     while True:
         path = cursor.files[cursor.current]
@@ -272,15 +273,25 @@ async def _stream(
             cursor.position += len(chunk)
             await writer.data(path, chunk, cursor.position)
             continue
-        cursor.files = refresh() or cursor.files
-        if cursor.current + 1 < len(cursor.files):
-            cursor.current += 1
+        newer = _newer_rotations(path, rotations()) if rotations is not None else []
+        if newer:
+            # By rotation number, not list position: older files may have been deleted.
+            cursor.files = newer
+            cursor.current = 0
             cursor.position = 0
             continue
         if not follow:
             return
         await files.wait_for_log_write(alloc_id, HEARTBEAT_INTERVAL)
         await writer.heartbeat()
+
+
+def _rotation(path: Path) -> int:
+    return int(path.name.rsplit(".", 1)[1])
+
+
+def _newer_rotations(current: Path, files: list[Path]) -> list[Path]:
+    return [f for f in files if _rotation(f) > _rotation(current)]
 
 
 def _read_chunk(path: Path, position: int) -> tuple[bytes, int]:
@@ -346,7 +357,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
         cursor,
         writer,
         follow=follow,
-        refresh=lambda: _log_files(root, task, log_type),
+        rotations=lambda: _log_files(root, task, log_type),
     )
     await response.write_eof()
     return response
@@ -365,7 +376,7 @@ async def stream_file(request: web.Request) -> web.StreamResponse:
     cursor = _start_cursor([target], origin, offset)
     response = await _open_stream(request, plain=False)
     writer = _FrameWriter(response, root, plain=False)
-    await _stream(request, alloc["ID"], cursor, writer, follow=follow, refresh=lambda: [target])
+    await _stream(request, alloc["ID"], cursor, writer, follow=follow, rotations=None)
     await response.write_eof()
     return response
 

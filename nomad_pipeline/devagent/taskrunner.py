@@ -273,6 +273,10 @@ class _Exit:
     signal: int
 
 
+class _CommandNotFoundError(Exception):
+    pass
+
+
 class _SetupError(Exception):
     """A recoverable failure before the process starts (artifacts, templates)."""
 
@@ -548,6 +552,28 @@ class TaskRunner:
                 return str(candidate)
         return shutil.which(command, path=env.get("PATH"))
 
+    def _spawn(
+        self,
+        command: str,
+        args: list[str],
+        work_dir: str,
+        env: dict[str, str],
+        output: tuple[int, int],
+    ) -> subprocess.Popen[bytes]:
+        """Find the binary and start it in its own session (blocking; runs off the loop)."""
+        binary = self._resolve_command(command, env)
+        if binary is None:
+            raise _CommandNotFoundError(f"file {command} not found under path {self.task_dir}")
+        return subprocess.Popen(
+            [binary, *args],
+            cwd=work_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output[0],
+            stderr=output[1],
+            start_new_session=True,
+        )
+
     async def _start(self, env: dict[str, str]) -> bool:
         owner = self.owner
         lookup = interpolation_lookup(
@@ -555,11 +581,8 @@ class TaskRunner:
         )
         config = interpolate_config(self.task.get("Config") or {}, lookup)
         command = str(config.get("command") or "")
-        binary = self._resolve_command(command, env)
-        if binary is None:
-            self._driver_failure(f"file {command} not found under path {self.task_dir}")
-            return False
-        work_dir = config.get("work_dir") or str(self.task_dir)
+        args = [str(a) for a in config.get("args") or []]
+        work_dir = str(config.get("work_dir") or self.task_dir)
         if self._logs is None and not self.task["LogConfig"].get("Disabled"):
             self._logs = await asyncio.to_thread(self.open_logs)
         self._exited.clear()
@@ -567,19 +590,17 @@ class TaskRunner:
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
-            # Spawning off the loop: exec of a binary on a busy disk takes milliseconds, and
-            # close_fds (the default) keeps other tasks' pipes out of the child.
+            # Spawning off the loop: finding and exec'ing a binary on a busy disk takes
+            # milliseconds, and close_fds (the default) keeps other tasks' pipes out of it.
             popen = await asyncio.to_thread(
-                subprocess.Popen,
-                [binary, *[str(a) for a in config.get("args") or []]],
-                cwd=work_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out_write,
-                stderr=err_write,
-                start_new_session=True,
+                self._spawn, command, args, work_dir, env, (out_write, err_write)
             )
             self._process = ChildProcess(popen, asyncio.get_running_loop())
+        except _CommandNotFoundError as exc:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            self._driver_failure(str(exc))
+            return False
         except OSError as exc:
             for fd in (out_read, err_read):
                 os.close(fd)

@@ -16,7 +16,7 @@ import base64
 import codecs
 import json
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -135,7 +135,6 @@ class NomadClient:
         if base.scheme not in ("http", "https") or not base.host:
             raise Invalid(f"Nomad address {address!r} must be an http:// or https:// URL")
         self.address = str(base)
-        self._base = base
         self._headers = {"X-Nomad-Token": token} if token else {}
         self._session = session
         self._owns_session = session is None
@@ -389,14 +388,14 @@ class NomadClient:
         """
         metadata: list[JSON] = []
         token = next_token
-        first_index = 0
+        list_index: int | None = None
         while True:
             params: QueryParams = [("prefix", prefix)]
             if per_page:
                 params.append(("per_page", str(per_page)))
             if token:
                 params.append(("next_token", token))
-            first_page = first_index == 0
+            first_page = list_index is None
             response = await self._read(
                 "/v1/vars",
                 namespace=namespace,
@@ -404,11 +403,12 @@ class NomadClient:
                 index=index if first_page else 0,
                 wait=wait if first_page else None,
             )
-            first_index = first_index or response.index
+            if list_index is None:
+                list_index = response.index
             metadata.extend(response.body or [])
             token = response.next_token
             if not per_page or not token:
-                return metadata, first_index
+                return metadata, list_index
 
     async def lock_acquire(
         self,
@@ -629,7 +629,7 @@ class NomadClient:
         index: int = 0,
         namespace: str = "*",
         idle_timeout: float = EVENT_STREAM_IDLE_SECONDS,
-    ) -> AsyncIterator[JSON]:
+    ) -> AsyncGenerator[JSON, None]:
         """``{"Index", "Events"}`` batches after ``index``; heartbeats are dropped.
 
         ``topics`` are ``Topic`` or ``Topic:FilterKey``. The stream never ends on its own: a
@@ -669,7 +669,7 @@ class NomadClient:
         origin: LogOrigin = "start",
         follow: bool = True,
         idle_timeout: float = LOG_STREAM_IDLE_SECONDS,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """A task's stdout/stderr as byte chunks (Nomad's framed format, heartbeats dropped).
 
         With ``follow`` the stream does not end when the task does (Nomad's behaviour): the

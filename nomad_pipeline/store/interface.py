@@ -21,7 +21,7 @@ passed to ``create``/``update``/``update_status`` are copied, so callers may kee
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -68,17 +68,17 @@ class Store(Protocol):
         self, kind: type[R], namespace: str, name: str, resource_version: str | None = None
     ) -> R: ...
 
-    def encoded(self, obj: Resource) -> bytes:
-        """``obj``'s wire JSON (what ``to_wire`` gives), cached per stored version for lists."""
-        ...
-
     def watch(
         self,
         kind: type[Resource] | None = None,
         namespace: str | None = None,
         since: int = 0,
-    ) -> AsyncIterator[WatchEvent]:
-        """Events after ``since`` (0 = from now). Raises Gone when ``since`` is too old."""
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Events after ``since`` (0 = from now, fixed when called).
+
+        Raises Gone at once when ``since`` is older than the kept history, and during
+        iteration when the consumer falls behind by more than the history holds.
+        """
         ...
 
     async def start(self) -> None:

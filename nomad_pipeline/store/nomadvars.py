@@ -71,8 +71,10 @@ def _hashed(value: str) -> str:
 class NomadVarsStore(CachingStore):
     """Objects as Nomad Variables in ``namespace`` under ``prefix``.
 
-    ``kinds`` lists the resource classes to parse objects as when they arrive from Nomad; a kind
-    not listed is held as a generic ``Resource`` until the first call that names its class.
+    ``kinds`` are the classes objects read from Nomad are parsed as (default: every registered
+    kind); an object of another kind is held as a generic ``Resource`` until the first call that
+    names its class. ``wait_synced(index)`` returns once other writers' changes up to ``index``
+    are in the cache.
     """
 
     def __init__(

@@ -13,8 +13,7 @@ import yaml
 from cli_harness import Controller, run_cli
 
 from nomad_pipeline.cli.main import ADDR_ENV, main
-from nomad_pipeline.cli.objects import RECONCILE_REQUESTED_AT
-from nomad_pipeline.resources.kinds import Flow, GitRepository
+from nomad_pipeline.resources.kinds import Flow
 
 NAMESPACE = """\
 apiVersion: nomad-pipeline.io/v1
@@ -261,25 +260,6 @@ async def test_schema_prints_json_schema(controller: Controller) -> None:
     assert schema["properties"]["kind"] == {"const": "Flow"}
     every = json.loads((await controller.cli("schema")).out)
     assert set(every) == {"Namespace", "Flow", "Run", "Trigger", "GitRepository"}
-
-
-async def test_sync_requests_a_reconcile_through_an_annotation(controller: Controller) -> None:
-    repo = """\
-apiVersion: nomad-pipeline.io/v1
-kind: GitRepository
-metadata: {name: infra, namespace: default}
-spec: {url: "file:///srv/infra.git", ref: {branch: main}, path: manifests}
-"""
-    await controller.cli("apply", "-f", "-", stdin=NAMESPACE.replace("team-a", "default"))
-    assert (await controller.cli("apply", "-f", "-", stdin=repo)).code == 0
-    before = await controller.store.get(GitRepository, "default", "infra")
-    result = await controller.cli("sync", "infra")
-    assert (result.code, result.err) == (0, "")
-    assert result.out == "gitrepository.nomad-pipeline.io/infra reconcile requested\n"
-    after = await controller.store.get(GitRepository, "default", "infra")
-    assert RECONCILE_REQUESTED_AT in after.metadata.annotations
-    assert after.spec == before.spec
-    assert int(after.metadata.resource_version or 0) > int(before.metadata.resource_version or 0)
 
 
 async def test_address_from_environment_and_global_flags_before_the_command(

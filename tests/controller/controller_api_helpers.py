@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from nomad_pipeline.store.memory import MemoryStore
+from nomad_pipeline.store.interface import Store
 
 API = "/apis/nomad-pipeline.io/v1"
 
@@ -17,7 +17,7 @@ class Api:
     """A running API server, its store, and a session bound to its address."""
 
     address: str
-    store: MemoryStore
+    store: Store
     session: aiohttp.ClientSession
 
     async def call(

@@ -198,9 +198,7 @@ async def test_a_replayed_delivery_starts_no_second_run(hooks: Hooks) -> None:
     assert sorted(status for status, _ in copies) == [200, 200, 200, 200, 201]
     assert len({answer["run"] for _, answer in copies}) == 1
     runs = await hooks.runs("on-push")
-    assert sorted(run.metadata.name for run in runs) == sorted(
-        [first["run"], copies[0][1]["run"]]
-    )
+    assert sorted(run.metadata.name for run in runs) == sorted([first["run"], copies[0][1]["run"]])
 
 
 async def test_filtered_branch_and_unwanted_events_are_ignored_with_202(hooks: Hooks) -> None:

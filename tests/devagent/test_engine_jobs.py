@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -231,9 +232,17 @@ async def test_kill_escalates_to_sigkill_after_kill_timeout(tmp_path: Path) -> N
     stubborn = shell_task("trap '' INT; echo ready; sleep 30 & wait", KillTimeout=200 * MS)
     async with running_engine(tmp_path) as engine:
         await engine.register_job("default", batch_job("stubborn", tasks=[stubborn]))
-        await wait_until(
-            engine, lambda: (a := allocs(engine, "stubborn")) and a[0]["ClientStatus"] == "running"
+        running = await wait_until(
+            engine,
+            lambda: (
+                (a := allocs(engine, "stubborn")) and a[0]["ClientStatus"] == "running" and a[0]
+            ),
         )
+        # The shell ignores SIGINT only once it printed "ready"; kill it after that.
+        stdout = engine.alloc_dir(running["ID"]) / "alloc" / "logs" / "main.stdout.0"
+        async with asyncio.timeout(10):
+            while "ready" not in stdout.read_text():
+                await engine.wait_for_log_write(running["ID"], 1.0)
         await engine.deregister_job("default", "stubborn", purge=True)
         assert engine.state.get("jobs", row_key("default", "stubborn")) is None
         alloc = await wait_until(

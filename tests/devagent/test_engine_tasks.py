@@ -345,3 +345,45 @@ async def test_http_artifacts_checksum_and_archive_unpacking(tmp_path: Path) -> 
             assert "checksums did not match" in download["DisplayMessage"]
     finally:
         await runner.cleanup()
+
+
+async def test_leader_exit_stops_the_other_tasks(tmp_path: Path) -> None:
+    tasks = [
+        shell_task("exit 0", name="leader", Leader=True),
+        shell_task("exec sleep 30", name="worker"),
+    ]
+    async with running_engine(tmp_path) as engine:
+        await engine.register_job("default", batch_job("lead", tasks=tasks))
+        alloc = await wait_until(
+            engine,
+            lambda: (a := allocs(engine, "lead")) and a[0]["ClientStatus"] == "complete" and a[0],
+        )
+        assert event_types(alloc, "worker")[-4:] == [
+            "Leader Task Dead",
+            "Killing",
+            "Terminated",
+            "Killed",
+        ]
+        assert not alloc["TaskStates"]["worker"]["Failed"]
+
+
+async def test_many_concurrent_allocations_all_complete(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, persist=True) as engine:
+        await asyncio.gather(
+            *(
+                engine.register_job(
+                    "default", batch_job(f"many-{i}", "echo $NOMAD_ALLOC_INDEX", count=2)
+                )
+                for i in range(40)
+            )
+        )
+        await wait_until(
+            engine, lambda: all(job_dead(engine, f"many-{i}") for i in range(40)), timeout=60
+        )
+        every = [a for i in range(40) for a in allocs(engine, f"many-{i}")]
+        assert len(every) == 80
+        assert {a["ClientStatus"] for a in every} == {"complete"}
+        assert sorted({a["Name"].rsplit(".", 1)[1] for a in every}) == ["step[0]", "step[1]"]
+        for alloc in every[:4]:
+            log = engine.alloc_dir(alloc["ID"]) / "alloc" / "logs" / "main.stdout.0"
+            assert log.read_text() == alloc["Name"][-2] + "\n"

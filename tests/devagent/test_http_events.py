@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from devagent_http_support import Api, api_client, batch_job, running_agent
+from devagent_http_support import Api, api_client, batch_job, python_nomad, running_agent
 
 from nomad_pipeline.devagent.server import DevAgent
 
@@ -150,3 +150,23 @@ async def test_job_lifecycle_events_filtered_by_job_id(api: Api) -> None:
 
 def _alloc_completed(seen: dict[str, set[str]]) -> bool:
     return "complete" in seen.get("AllocationStatus", set())
+
+
+async def test_python_nomad_resumes_the_stream_by_index(agent: DevAgent, api: Api) -> None:
+    indexes = []
+    for n in range(3):
+        written = await api.ok("PUT", f"/v1/var/py{n}", json_body={"Items": {"n": str(n)}})
+        indexes.append(written["ModifyIndex"])
+    client = python_nomad(agent)
+    thread, stop, events = client.event.stream.get_stream(index=indexes[0], topic=["Variable"])
+    thread.start()
+    try:
+        first = await asyncio.to_thread(events.get, True, 10)
+        second = await asyncio.to_thread(events.get, True, 10)
+        assert [first["Index"], second["Index"]] == indexes[1:]
+        assert second["Events"][0]["Key"] == "py2"
+    finally:
+        stop.set()
+        # the fixture's 0.2 s heartbeats let the reader thread notice the stop
+        await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive()

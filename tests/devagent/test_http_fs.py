@@ -237,3 +237,25 @@ async def test_stream_a_file_without_following(api: Api, finished_alloc: str) ->
     assert frame["File"] == "alloc/data/out.json"
     assert base64.b64decode(frame["Data"]) == b'ok": true}\n'
     assert frame["Offset"] == len('{"ok": true}\n')
+
+
+async def test_logs_continue_across_rotated_files(api: Api) -> None:
+    job = batch_job("rotating", "head -c 1500000 /dev/zero | tr '\\0' a; echo END")
+    job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 3, "MaxFileSizeMB": 1}
+    await api.ok("PUT", "/v1/jobs", json_body={"Job": job})
+    await wait_job_status(api, "rotating", "dead")
+    (stub,) = await job_allocations(api, "rotating")
+    files = await api.ok("GET", f"/v1/client/fs/ls/{stub['ID']}", params={"path": "alloc/logs"})
+    assert {"main.stdout.0", "main.stdout.1"} <= {f["Name"] for f in files}
+    url = f"/v1/client/fs/logs/{stub['ID']}"
+    everything = await api.ok(
+        "GET", url, params={"task": "main", "type": "stdout", "plain": "true"}
+    )
+    assert len(everything) == 1_500_000 + len("END\n")
+    assert everything.endswith("aaaEND\n")
+    tail = await api.ok(
+        "GET",
+        url,
+        params={"task": "main", "type": "stdout", "plain": "true", "origin": "end", "offset": "6"},
+    )
+    assert tail == "aaEND\n"

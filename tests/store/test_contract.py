@@ -135,7 +135,7 @@ async def test_stale_resource_version_is_a_conflict(store: CachingStore) -> None
     await store.update(make_flow(run="make v2"))
     stale = make_flow(run="make v3").model_copy(update={"metadata": created.metadata})
 
-    with pytest.raises(Conflict, match="Flow default/build: resource_version .* is stale"):
+    with pytest.raises(Conflict, match=r"Flow default/build: resource_version .* is stale"):
         await store.update(stale)
     with pytest.raises(Conflict, match="stale"):
         await store.update_status(stale)
@@ -260,16 +260,16 @@ async def test_watch_from_now_sees_later_changes_filtered(store: CachingStore) -
     await store.create(make_flow("before"))
     flows = store.watch(Flow, namespace="ci")
     everything = store.watch()
-    first_flow = asyncio.ensure_future(take(flows, 1))
-    first_two = asyncio.ensure_future(take(everything, 2))
-    await asyncio.sleep(0)  # let both watches register "now" before the writes below
 
     flow = await store.create(make_flow("other-ns", "default"))
     await store.create(make_run("r1", flow, "ci"))
     await store.create(make_flow("wanted", "ci"))
 
-    assert summary(await first_flow) == [("ADDED", "Flow", "wanted")]
-    assert summary(await first_two) == [("ADDED", "Flow", "other-ns"), ("ADDED", "Run", "r1")]
+    assert summary(await take(flows, 1)) == [("ADDED", "Flow", "wanted")]
+    assert summary(await take(everything, 2)) == [
+        ("ADDED", "Flow", "other-ns"),
+        ("ADDED", "Run", "r1"),
+    ]
 
 
 async def test_watch_from_a_version_older_than_the_history_is_gone(
@@ -280,17 +280,28 @@ async def test_watch_from_a_version_older_than_the_history_is_gone(
     for name in ("b", "c", "d", "e"):
         await store.create(make_flow(name))
 
-    with pytest.raises(Gone, match="too old.*re-list"):
-        await take(store.watch(since=int(first.metadata.resource_version or 0)), 1)
+    with pytest.raises(Gone, match=r"too old.*re-list"):
+        store.watch(since=int(first.metadata.resource_version or 0))
     # The newest history is still served.
     recent = await take(store.watch(since=store.resource_version - 1), 1)
     assert summary(recent) == [("ADDED", "Flow", "e")]
 
 
+async def test_a_watcher_that_falls_behind_the_history_is_gone(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store(history_size=2)
+    slow = store.watch()
+    for name in ("a", "b", "c"):
+        await store.create(make_flow(name))
+
+    with pytest.raises(Gone):
+        await take(slow, 1)
+
+
 async def test_a_watch_ends_when_the_store_closes(store: CachingStore) -> None:
     events = store.watch()
     pending = asyncio.ensure_future(take(events, 1))
-    await asyncio.sleep(0)
 
     await store.close()
 

@@ -84,45 +84,44 @@ def parse_resource_version(request: web.Request) -> int | None:
 class WireCache:
     """Each object's JSON, reused while its resource version is unchanged.
 
-    Stored objects are immutable (a write replaces the object), so ``(kind, namespace, name,
-    resource_version)`` names the bytes for good. Serialising 10,000 runs costs ~200 ms; joining
-    cached bytes costs a few: this is what keeps a list of 10,000 runs well under 150 ms.
+    Stored objects are immutable (a write replaces the object), so ``(uid, resource_version)``
+    names the bytes for good. Serialising 10,000 runs costs ~200 ms; joining cached bytes costs
+    a few: this is what keeps a list of 10,000 runs under 150 ms.
     """
 
     def __init__(self, *, minimum_capacity: int = 1000) -> None:
-        # Per kind: (namespace, name) -> (resource_version, JSON).
-        self._entries: dict[str, dict[tuple[str, str], tuple[str | None, bytes]]] = {}
+        # Per kind: uid -> (resource_version, JSON).
+        self._entries: dict[str, dict[str | None, tuple[str | None, bytes]]] = {}
         self._minimum_capacity = minimum_capacity
-
-    def size(self, kind: type[Resource]) -> int:
-        return len(self._entries.get(kind.KIND, {}))
 
     def list_body(
         self, kind: type[Resource], items: list[Resource], resource_version: int
     ) -> bytes:
         """The List document for ``items`` (all of ``kind``), serialising only what changed."""
         entries = self._entries.setdefault(kind.KIND, {})
-        head = (
-            f'{{"apiVersion":"{API_VERSION}","kind":"List",'
-            f'"metadata":{{"resource_version":"{resource_version}"}},"items":['
-        ).encode()
-        chunks: list[bytes] = [head]
-        for obj in items:
-            metadata = obj.metadata
-            key = (metadata.namespace, metadata.name)
-            entry = entries.get(key)
-            if entry is None or entry[0] != metadata.resource_version:
-                entry = (metadata.resource_version, _object_json(obj))
-                entries[key] = entry
-            if len(chunks) > 1:
-                chunks.append(b",")
-            chunks.append(entry[1])
-        chunks.append(b"]}")
+        cached = entries.get
+        parts = [
+            entry[1]
+            if (entry := cached(obj.metadata.uid)) is not None
+            and entry[0] == obj.metadata.resource_version
+            else _remember(entries, obj)
+            for obj in items
+        ]
         # Deleted objects leave entries behind; once they could outnumber the live ones,
         # start afresh (the next lists re-serialise what they need).
         if len(entries) > 2 * max(len(items), self._minimum_capacity):
             entries.clear()
-        return b"".join(chunks)
+        head = (
+            f'{{"apiVersion":"{API_VERSION}","kind":"List",'
+            f'"metadata":{{"resource_version":"{resource_version}"}},"items":['
+        ).encode()
+        return b"".join((head, b",".join(parts), b"]}"))
+
+
+def _remember(entries: dict[str | None, tuple[str | None, bytes]], obj: Resource) -> bytes:
+    encoded = _object_json(obj)
+    entries[obj.metadata.uid] = (obj.metadata.resource_version, encoded)
+    return encoded
 
 
 WIRE_CACHE = web.AppKey("wire_cache", WireCache)

@@ -1,0 +1,251 @@
+"""Benchmark of the run controller: N concurrent runs of a 5-step raw_exec specification flow.
+
+The dev agent runs as its own process (``nomad-pipeline dev-nomad``); the controller (nomad-vars
+store, run controller) runs in this process so its CPU time and counters can be read. Prints:
+
+- controller overhead per step transition: from Nomad reporting a step's allocation terminal
+  (the allocation's ``ModifyTime``) to the next step's job registered (its ``SubmitTime``),
+  p50/p99, both on the dev agent's clock;
+- wall time from the first run created to the last run finished;
+- controller CPU seconds per step (this process's CPU time over the runs);
+- store writes per step (run status writes) and Nomad requests per step (every HTTP request the
+  run controller sent to Nomad: registers, reads, log streams; the store's own requests are not
+  counted, they are the store writes).
+
+Usage: ``.venv/bin/python bench/runs.py [--runs 100] [--steps 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from nomad_pipeline.controller.admission import ensure_default_namespace
+from nomad_pipeline.controller.manager import Manager
+from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.reconcilers.run import RunSettings
+from nomad_pipeline.reconcilers.runsetup import build_run_controller
+from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run, RunSpec
+from nomad_pipeline.resources.meta import ObjectMeta
+from nomad_pipeline.resources.ulid import new_ulid
+from nomad_pipeline.store.nomadvars import NomadVarsStore
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def step_job() -> dict[str, Any]:
+    return {
+        "ID": "step",
+        "Type": "batch",
+        "TaskGroups": [
+            {
+                "Name": "step",
+                "Tasks": [
+                    {
+                        "Name": "main",
+                        "Driver": "raw_exec",
+                        "Config": {"command": "/bin/true"},
+                        "Resources": {"CPU": 10, "MemoryMB": 16},
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def wait_ready(address: str, deadline: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    async with aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{address}/v1/status/leader") as response:
+                    if response.status == 200:
+                        return
+            if loop.time() > end:
+                raise RuntimeError(f"dev agent at {address} did not start")
+            await asyncio.sleep(0.05)
+
+
+async def bench(runs: int, steps: int) -> None:
+    port = free_port()
+    nomad_address = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="np-bench-") as scratch:
+        agent = await asyncio.create_subprocess_exec(
+            str(BIN / "nomad-pipeline"),
+            "dev-nomad",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(Path(scratch) / "nomad"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await wait_ready(nomad_address)
+            await measure(nomad_address, Path(scratch), runs, steps)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            await agent.wait()
+
+
+async def measure(nomad_address: str, scratch: Path, runs: int, steps: int) -> None:
+    requests = 0
+
+    async def count(_session: Any, _context: Any, _params: Any) -> None:
+        nonlocal requests
+        requests += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(count)
+    async with (
+        aiohttp.ClientSession(trace_configs=[trace]) as traced,
+        NomadClient(nomad_address) as store_nomad,
+        NomadClient(nomad_address, session=traced) as nomad,
+    ):
+        store = NomadVarsStore(store_nomad)
+        await store.start()
+        await ensure_default_namespace(store)
+        built = build_run_controller(
+            store,
+            nomad,
+            log_root=scratch / "logs",
+            settings=RunSettings(controller_address=lambda: None, runner_secret=os.urandom(32)),
+            workers=32,
+        )
+        manager = Manager(built.runnables)
+        running = asyncio.create_task(manager.run(), name="bench-manager")
+        flow = Flow(
+            metadata=ObjectMeta(name="bench"),
+            spec={
+                "specification": {
+                    "steps": [
+                        {"name": f"s{index}", "job": {"json": step_job()}} for index in range(steps)
+                    ]
+                }
+            },
+        )
+        await store.create(flow)
+        requests_before = requests
+        writes_before = built.reconciler.stats.status_writes
+        cpu_before = time.process_time()
+        wall_before = time.perf_counter()
+        names = [new_ulid() for _ in range(runs)]
+        await asyncio.gather(
+            *(
+                store.create(
+                    Run(
+                        metadata=ObjectMeta(name=name),
+                        spec=RunSpec(flow="bench", flow_spec=flow.spec),
+                    )
+                )
+                for name in names
+            )
+        )
+        finished = await wait_finished(store, names)
+        wall = time.perf_counter() - wall_before
+        cpu = time.process_time() - cpu_before
+        total_steps = runs * steps
+        writes = built.reconciler.stats.status_writes - writes_before
+        nomad_requests = requests - requests_before
+        overheads = await transition_overheads(nomad, finished)
+        manager.stop()
+        await running
+        await store.close()
+    failed = [run.metadata.name for run in finished if run.status.phase != "success"]
+    print(f"runs: {runs} x {steps} steps ({total_steps} steps), failed runs: {len(failed)}")
+    print(f"wall time: {wall:.2f} s")
+    print(
+        "controller overhead per step transition: "
+        f"p50 {percentile(overheads, 0.5) * 1000:.1f} ms, "
+        f"p99 {percentile(overheads, 0.99) * 1000:.1f} ms, "
+        f"max {max(overheads, default=float('nan')) * 1000:.1f} ms "
+        f"({len(overheads)} transitions)"
+    )
+    print(f"controller CPU per step: {cpu / total_steps * 1000:.2f} ms ({cpu:.2f} s total)")
+    print(f"store writes per step: {writes / total_steps:.2f} ({writes} total)")
+    print(f"Nomad requests per step: {nomad_requests / total_steps:.2f} ({nomad_requests} total)")
+    stats = built.reconciler.stats
+    print(
+        f"reconciles: {stats.reconciles}, failed reconciles (retried): "
+        f"{built.controller.errors}, registrations: {stats.registrations}"
+    )
+
+
+async def wait_finished(store: NomadVarsStore, names: list[str]) -> list[Run]:
+    remaining = set(names)
+    done: dict[str, Run] = {}
+    listed = await store.list(Run, "default")
+    for run in listed.items:
+        if run.metadata.name in remaining and run.status.phase in TERMINAL_PHASES:
+            done[run.metadata.name] = run
+            remaining.discard(run.metadata.name)
+    if remaining:
+        async for event in store.watch(Run, "default", since=listed.resource_version):
+            run = event.object
+            assert isinstance(run, Run)
+            if run.metadata.name in remaining and run.status.phase in TERMINAL_PHASES:
+                done[run.metadata.name] = run
+                remaining.discard(run.metadata.name)
+                if not remaining:
+                    break
+    return [done[name] for name in names]
+
+
+async def transition_overheads(nomad: NomadClient, runs: list[Run]) -> list[float]:
+    """Seconds from a step's allocation ending to the next step's job being registered."""
+    overheads: list[float] = []
+    for run in runs:
+        previous_end: int | None = None
+        for step in run.status.steps:
+            if step.nomad_job_id is None:
+                break
+            job, _ = await nomad.get_job(step.nomad_job_id)
+            if previous_end is not None:
+                overheads.append((int(job["SubmitTime"]) - previous_end) / 1e9)
+            allocations, _ = await nomad.job_allocations(step.nomad_job_id)
+            ended = [
+                int(a["ModifyTime"])
+                for a in allocations
+                if a.get("ClientStatus") in ("complete", "failed")
+            ]
+            previous_end = max(ended) if ended else None
+    return overheads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    asyncio.run(bench(args.runs, args.steps))
+
+
+if __name__ == "__main__":
+    main()
