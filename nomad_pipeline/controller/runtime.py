@@ -68,7 +68,7 @@ class Controller:
         self._reconciler = reconciler
         self.queue: WorkQueue[Request] = queue if queue is not None else WorkQueue()
         self._workers = workers
-        self.reconciles = 0
+        # Failed reconciles (transient or terminal), for tests and diagnostics.
         self.errors = 0
 
     @property
@@ -100,7 +100,6 @@ class Controller:
                 self.queue.done(request)
 
     async def _reconcile_one(self, request: Request) -> None:
-        self.reconciles += 1
         extra = {
             "controller": self._name,
             "kind": request.kind,

@@ -53,6 +53,25 @@ def _newer(current: Mapping[str, Any] | None, candidate: Mapping[str, Any]) -> b
     return int(candidate.get("ModifyIndex") or 0) >= int(current.get("ModifyIndex") or 0)
 
 
+# The fields whose change a run reacts to; other updates refresh the cache without a wake-up.
+_JOB_FIELDS = ("Status", "Stop", "Version")
+_ALLOC_FIELDS = (
+    "ClientStatus",
+    "DesiredStatus",
+    "NextAllocation",
+    "FollowupEvalID",
+    "JobVersion",
+)
+
+
+def _differs(
+    previous: Mapping[str, Any] | None, current: Mapping[str, Any], fields: tuple[str, ...]
+) -> bool:
+    if previous is None:
+        return True
+    return any(previous.get(name) != current.get(name) for name in fields)
+
+
 def owner_from_meta(job: Mapping[str, Any]) -> RunKey | None:
     meta = job.get("Meta") or {}
     run = meta.get(META_RUN)
@@ -165,28 +184,36 @@ class JobCache:
         if topic == "Job":
             job = payload.get("Job") or {}
             key = (job.get("Namespace") or namespace, job.get("ID") or event.get("Key") or "")
-            owner = self._owners.get(key) or owner_from_meta(job)
             observation = self._jobs.get(key)
-            if observation is not None:
-                if payload.get("Deleted"):
-                    observation.job = None
-                    observation.missing = True
-                elif _newer(observation.job, job):
-                    observation.job = job
-                    observation.missing = False
-                self.events_applied += 1
-            return owner
+            if observation is None:
+                # Not tracked (a restarted controller has not read this run yet): wake the run
+                # its Meta names, which reads Nomad itself.
+                return owner_from_meta(job)
+            self.events_applied += 1
+            if payload.get("Deleted"):
+                observation.job = None
+                observation.missing = True
+                return self._owners.get(key)
+            if not _newer(observation.job, job):
+                return None
+            previous = observation.job
+            observation.job = job
+            observation.missing = False
+            return self._owners.get(key) if _differs(previous, job, _JOB_FIELDS) else None
         if topic == "Allocation":
             alloc = payload.get("Allocation") or {}
             key = (alloc.get("Namespace") or namespace, alloc.get("JobID") or "")
             observation = self._jobs.get(key)
-            if observation is None:
-                return None
             alloc_id = alloc.get("ID")
-            if isinstance(alloc_id, str) and _newer(observation.allocations.get(alloc_id), alloc):
-                observation.allocations[alloc_id] = alloc
+            if observation is None or not isinstance(alloc_id, str):
+                return None
             self.events_applied += 1
-            return self._owners.get(key)
+            previous = observation.allocations.get(alloc_id)
+            if not _newer(previous, alloc):
+                return None
+            observation.allocations[alloc_id] = alloc
+            # Task events inside a pending allocation change nothing the run acts on.
+            return self._owners.get(key) if _differs(previous, alloc, _ALLOC_FIELDS) else None
         if topic == "Evaluation":
             evaluation = payload.get("Evaluation") or {}
             key = (evaluation.get("Namespace") or namespace, evaluation.get("JobID") or "")
@@ -203,7 +230,7 @@ class JobCache:
             ) and _newer(current, evaluation):
                 observation.evaluation = evaluation
             self.events_applied += 1
-            return self._owners.get(key)
+            return self._owners.get(key) if evaluation.get("FailedTGAllocs") else None
         return None
 
 

@@ -78,6 +78,7 @@ from nomad_pipeline.resources.kinds import (
     SpecificationStep,
     StepStatus,
 )
+from nomad_pipeline.resources.meta import Resource
 from nomad_pipeline.resources.templates import render, template_names
 from nomad_pipeline.store.interface import Store
 
@@ -194,11 +195,24 @@ class RunReconciler:
         self._flow_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # When a runner's allocation was first seen ended with steps unreported (grace period).
         self._runner_ended: dict[RunKey, float] = {}
+        # The resource version of each run's last status write by this reconciler: the store
+        # watch event of that write needs no reconcile (see ``requests_for``).
+        self._written: dict[RunKey, str | None] = {}
         # When each run last re-read Nomad in full (loop time), for the resync safety net.
         self._last_full_read: dict[RunKey, float] = {}
         self.stats = RunStats()
 
     # ---- entry point -------------------------------------------------------------------------
+
+    def requests_for(self, obj: Resource) -> list[Request]:
+        """The store watch's mapping: a Run event reconciles that run, unless the event is
+        this reconciler's own status write (it already acted on everything it wrote)."""
+        key = (obj.metadata.namespace, obj.metadata.name)
+        if obj.metadata.resource_version is not None and (
+            self._written.get(key) == obj.metadata.resource_version
+        ):
+            return []
+        return [Request(RUN_KIND, *key)]
 
     async def reconcile(self, request: Request) -> Result:
         self.stats.reconciles += 1
@@ -241,7 +255,14 @@ class RunReconciler:
 
     def _initial_status(self, run: Run) -> RunStatus:
         """The stored status with one entry per flow step, in flow order."""
-        status = run.status.model_copy(deep=True)
+        # Shallow copies suffice (every field of a step is immutable) and cost a fraction of a
+        # deep copy, which dominated the reconciler's CPU time.
+        status = run.status.model_copy(
+            update={
+                "steps": [step.model_copy() for step in run.status.steps],
+                "conditions": list(run.status.conditions),
+            }
+        )
         existing = {step.name: step for step in status.steps}
         status.steps = [
             existing.get(name) or StepStatus(name=name) for name in run.spec.flow_spec.step_names
@@ -259,6 +280,7 @@ class RunReconciler:
             self.stats.status_writes += 1
             run = await self._store.update_status(updated)
             work.run = run
+            self._written[work.key] = run.metadata.resource_version
         for registration in work.registrations:
             await self._register(work, registration)
         for job_key in work.finished_jobs:
@@ -271,6 +293,7 @@ class RunReconciler:
         return Result(requeue_after=min(work.requeue) if work.requeue else None)
 
     def _forget(self, key: RunKey) -> None:
+        self._written.pop(key, None)
         self._cache.forget_owner(key)
         self._runner_ended.pop(key, None)
         self._last_full_read.pop(key, None)
@@ -444,6 +467,7 @@ class RunReconciler:
         """Wake what a finished run unblocks: queued runs and retention of older ones."""
         key = (run.metadata.namespace, run.metadata.name)
         self._cache.forget_owner(key)
+        self._written.pop(key, None)
         self._runner_ended.pop(key, None)
         self._last_full_read.pop(key, None)
         spec = run.spec.flow_spec

@@ -69,7 +69,9 @@ class RunController:
             _LogCopierOwner(self.copier),
             self.controller,
             self.events,
-            watch_store(self.store, Run, self.controller.enqueue),
+            watch_store(
+                self.store, Run, self.controller.enqueue, to_requests=self.reconciler.requests_for
+            ),
         ]
 
 
