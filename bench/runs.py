@@ -39,6 +39,8 @@ from nomad_pipeline.reconcilers.runsetup import build_run_controller
 from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run, RunSpec
 from nomad_pipeline.resources.meta import ObjectMeta
 from nomad_pipeline.resources.ulid import new_ulid
+from nomad_pipeline.store.interface import Store
+from nomad_pipeline.store.memory import MemoryStore
 from nomad_pipeline.store.nomadvars import NomadVarsStore
 
 BIN = Path(sys.executable).parent
@@ -93,7 +95,7 @@ async def wait_ready(address: str, deadline: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def bench(runs: int, steps: int) -> None:
+async def bench(runs: int, steps: int, backend: str) -> None:
     port = free_port()
     nomad_address = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="np-bench-") as scratch:
@@ -109,13 +111,13 @@ async def bench(runs: int, steps: int) -> None:
         )
         try:
             await wait_ready(nomad_address)
-            await measure(nomad_address, Path(scratch), runs, steps)
+            await measure(nomad_address, Path(scratch), runs, steps, backend)
         finally:
             agent.send_signal(signal.SIGTERM)
             await agent.wait()
 
 
-async def measure(nomad_address: str, scratch: Path, runs: int, steps: int) -> None:
+async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, backend: str) -> None:
     requests = 0
 
     async def count(_session: Any, _context: Any, _params: Any) -> None:
@@ -129,7 +131,7 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int) -> N
         NomadClient(nomad_address) as store_nomad,
         NomadClient(nomad_address, session=traced) as nomad,
     ):
-        store = NomadVarsStore(store_nomad)
+        store: Store = NomadVarsStore(store_nomad) if backend == "nomad-vars" else MemoryStore()
         await store.start()
         await ensure_default_namespace(store)
         built = build_run_controller(
@@ -179,7 +181,10 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int) -> N
         await running
         await store.close()
     failed = [run.metadata.name for run in finished if run.status.phase != "success"]
-    print(f"runs: {runs} x {steps} steps ({total_steps} steps), failed runs: {len(failed)}")
+    print(
+        f"runs: {runs} x {steps} steps ({total_steps} steps), store: {backend}, "
+        f"failed runs: {len(failed)}"
+    )
     print(f"wall time: {wall:.2f} s")
     print(
         "controller overhead per step transition: "
@@ -198,7 +203,7 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int) -> N
     )
 
 
-async def wait_finished(store: NomadVarsStore, names: list[str]) -> list[Run]:
+async def wait_finished(store: Store, names: list[str]) -> list[Run]:
     remaining = set(names)
     done: dict[str, Run] = {}
     listed = await store.list(Run, "default")
@@ -243,8 +248,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--store",
+        choices=["nomad-vars", "memory"],
+        default="nomad-vars",
+        help="where runs are stored (nomad-vars: on the dev agent, as `nomad-pipeline dev`)",
+    )
     args = parser.parse_args()
-    asyncio.run(bench(args.runs, args.steps))
+    asyncio.run(bench(args.runs, args.steps, args.store))
 
 
 if __name__ == "__main__":

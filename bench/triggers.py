@@ -54,7 +54,7 @@ FLOW: dict[str, Any] = {
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def figures(name: str, seconds: list[float], target_p99_ms: float) -> str:

@@ -51,6 +51,9 @@ DEFAULT_NAMESPACE = "default"
 # Evaluations planned, or client updates applied, per commit: large enough to amortise a
 # commit under a burst, small enough that one batch keeps the event loop busy only briefly.
 MAX_BATCH = 32
+# How long one blocking wait for a variable lasts before it is renewed (a template waiting
+# for a missing variable waits as long as it takes).
+VARIABLE_WAIT = 300.0
 
 
 def _write_response(index: int, **fields: Any) -> Obj:
@@ -331,7 +334,7 @@ class Engine:
                 row_key(evaluation["Namespace"], evaluation["JobID"]), set()
             ).add(eval_id)
 
-        txn = _Txn(self, "NodeRegistration")
+        txn = _Txn(self, "AllocationUpdated")
         if self.state.get("namespaces", DEFAULT_NAMESPACE) is None:
             txn.put(
                 "namespaces",
@@ -542,6 +545,33 @@ class Engine:
         waiter = self._log_waiters.pop(alloc_id, None)
         if waiter is not None:
             waiter.set()
+
+    # -- variables, as task templates read them -------------------------------------------
+
+    def read_variable(self, namespace: str, path: str) -> dict[str, Any] | None:
+        found = self.state.get("vars", row_key(namespace, path))
+        if found is None:
+            return None
+        items: dict[str, Any] = found.get("Items") or {}
+        return items
+
+    def list_variables(self, namespace: str, prefix: str) -> list[Obj]:
+        metadata = ("Namespace", "Path", "CreateIndex", "ModifyIndex", "CreateTime", "ModifyTime")
+        return sorted(
+            (
+                {k: v.get(k) for k in metadata}
+                for v in self.state.rows("vars")
+                if v.get("Namespace") == namespace and str(v.get("Path", "")).startswith(prefix)
+            ),
+            key=lambda v: str(v["Path"]),
+        )
+
+    def variables_index(self) -> int:
+        return self.state.table_index("vars")
+
+    async def wait_variables(self, after_index: int) -> None:
+        while self.state.table_index("vars") <= after_index:
+            await self.state.wait(("vars",), after_index, VARIABLE_WAIT)
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -821,6 +851,49 @@ class Engine:
             JobCreateIndex=stored["CreateIndex"],
         )
 
+    async def evaluate_job(
+        self, namespace: str, job_id: str, *, force_reschedule: bool = False
+    ) -> Obj:
+        """A new evaluation of the job (``/v1/job/:id/evaluate``); ``force_reschedule`` also
+        replaces failed allocations whose reschedule budget is spent."""
+        job = self.state.get("jobs", row_key(namespace, job_id))
+        if job is None:
+            raise NomadHTTPError(404, "job not found")
+        if job.get("Periodic"):
+            raise NomadHTTPError(500, "can't evaluate periodic job")
+        if job.get("ParameterizedJob"):
+            raise NomadHTTPError(500, "can't evaluate parameterized job")
+        txn = _Txn(self, "JobRegistered")
+        if force_reschedule:
+            for alloc in txn.job_allocs(row_key(namespace, job_id)):
+                if (
+                    _same_instance(alloc, job)
+                    and alloc["ClientStatus"] == "failed"
+                    and not alloc.get("NextAllocation")
+                ):
+                    transition = {**(alloc.get("DesiredTransition") or {}), "ForceReschedule": True}
+                    txn.put(
+                        "allocs",
+                        alloc["ID"],
+                        {
+                            **alloc,
+                            "DesiredTransition": transition,
+                            "ModifyIndex": txn.index,
+                            "AllocModifyIndex": txn.index,
+                            "ModifyTime": txn.now,
+                        },
+                        "AllocationUpdateDesiredStatus",
+                    )
+        evaluation = self._new_eval(txn, job, "job-register")
+        txn.put_eval(evaluation)
+        index = await txn.commit()
+        return _write_response(
+            index,
+            EvalID=evaluation["ID"],
+            EvalCreateIndex=txn.index,
+            JobModifyIndex=job["JobModifyIndex"],
+        )
+
     async def stop_allocation(self, alloc_id: str) -> Obj:
         """Stop the allocation and place a replacement (Nomad's ``/allocation/:id/stop``)."""
         alloc = self.state.get("allocs", alloc_id)
@@ -1088,6 +1161,8 @@ class Engine:
 
     def _reschedule_due(self, txn: _Txn, evaluation: Obj, job: Obj, alloc: Obj) -> bool:
         """Whether a failed allocation is replaced now; else maybe set up a follow-up eval."""
+        if (alloc.get("DesiredTransition") or {}).get("ForceReschedule"):
+            return True
         if not scheduler.reschedule_eligible(alloc, txn.now):
             return False
         due = scheduler.reschedule_time(alloc)
@@ -1258,6 +1333,7 @@ class Engine:
             alloc_dir=self.alloc_dir(alloc["ID"]),
             node=self.node,
             host_env=self._host_env,
+            variables=self,
             report=self._report,
             log_written=self._log_written,
         )

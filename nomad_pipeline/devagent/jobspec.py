@@ -528,6 +528,9 @@ def validate(job: Obj) -> list[str]:
                 errors.append(f"Job task group {number} must be an object")
                 continue
             name = group.get("Name") or ""
+            if not isinstance(name, str):
+                errors.append(f"Job task group {number} name must be a string")
+                name = str(name)
             if name in seen:
                 errors.append(f"Job task group {number} redefines '{name}' from group {seen[name]}")
             elif name:
@@ -583,6 +586,8 @@ def _validate_group(group: Obj, job: Obj) -> list[str]:
                 errors.append(f"Task {number} must be an object")
                 continue
             name = task.get("Name") or ""
+            if not isinstance(name, str):
+                name = str(name)  # _validate_task reports the type
             if name in seen:
                 errors.append(f"Task {number} redefines '{name}' from task {seen[name]}")
             elif name:

@@ -7,6 +7,7 @@ They follow Nomad's scheduler (``scheduler/feasible``, ``scheduler/reconciler``)
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Any
 
 Obj = dict[str, Any]
@@ -68,6 +69,14 @@ def check_placement(node: Obj, job: Obj, group: Obj) -> tuple[bool, Obj]:
     if not in_datacenter or job.get("NodePool", "default") not in ("default", "all"):
         metric.update(NodesEvaluated=0, NodesInPool=0, NodesAvailable={})
         return False, metric
+    for constraint in _constraints(job, group):
+        if not constraint_met(node, constraint):
+            text = (
+                f"{constraint.get('LTarget', '')} {constraint.get('Operand') or '='} "
+                f"{constraint.get('RTarget', '')}"
+            )
+            metric.update(NodesFiltered=1, ConstraintFiltered={text: 1})
+            return False, metric
     drivers = node["Drivers"]
     missing = [
         t["Driver"] for t in group["Tasks"] if not (drivers.get(t["Driver"]) or {}).get("Healthy")
@@ -192,3 +201,111 @@ def next_delay(alloc: Obj) -> int:
 def reschedule_time(alloc: Obj) -> int:
     """The earliest time (ns) the failed allocation may be replaced."""
     return last_event_time(alloc) + next_delay(alloc)
+
+
+# Placement-neutral on a single node: they spread allocations, never exclude the only node.
+_SPREADING_OPERANDS = ("distinct_hosts", "distinct_property")
+
+
+def _constraints(job: Obj, group: Obj) -> list[Obj]:
+    found: list[Obj] = list(job.get("Constraints") or []) + list(group.get("Constraints") or [])
+    for task in group["Tasks"]:
+        found.extend(task.get("Constraints") or [])
+    return found
+
+
+def _node_value(node: Obj, target: str) -> str | None:
+    """Resolve ``${attr.x}``, ``${node.x}`` or ``${meta.x}`` against the node; else a literal."""
+    if not (target.startswith("${") and target.endswith("}")):
+        return target
+    name = target[2:-1]
+    if name.startswith("attr."):
+        value = (node.get("Attributes") or {}).get(name[5:])
+        return None if value is None else str(value)
+    if name.startswith("meta."):
+        value = (node.get("Meta") or {}).get(name[5:])
+        return None if value is None else str(value)
+    fields = {
+        "node.unique.id": node["ID"],
+        "node.unique.name": node["Name"],
+        "node.datacenter": node["Datacenter"],
+        "node.region": node.get("Region", "global"),
+        "node.class": node.get("NodeClass") or "",
+        "node.pool": node["NodePool"],
+    }
+    return fields.get(name)
+
+
+def _compare(left: str, right: str) -> int:
+    try:
+        a, b = float(left), float(right)
+    except ValueError:
+        return (left > right) - (left < right)
+    return (a > b) - (a < b)
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _version_met(value: str, spec: str) -> bool:
+    """``version`` constraints: comma-separated ``>= 1.2, < 2`` style clauses."""
+    have = _version_key(value)
+    for clause in spec.split(","):
+        match = re.fullmatch(r"\s*(>=|<=|!=|=|>|<|~>)?\s*v?([\w.\-+]+)\s*", clause)
+        if match is None:
+            return False
+        operator, wanted = match.group(1) or "=", _version_key(match.group(2))
+        if operator == "~>":
+            # Pessimistic: ~> 1.2 allows [1.2, 2.0); ~> 1.2.3 allows [1.2.3, 1.3.0).
+            upper = (*wanted[:-2], wanted[-2] + 1) if len(wanted) >= 2 else (wanted[0] + 1,)
+            if not wanted <= have < upper:
+                return False
+            continue
+        checks = {
+            "=": have == wanted,
+            "!=": have != wanted,
+            ">": have > wanted,
+            ">=": have >= wanted,
+            "<": have < wanted,
+            "<=": have <= wanted,
+        }
+        if not checks[operator]:
+            return False
+    return True
+
+
+def constraint_met(node: Obj, constraint: Obj) -> bool:
+    """Nomad's feasibility check of one constraint against the node."""
+    operand = constraint.get("Operand") or "="
+    if operand in _SPREADING_OPERANDS:
+        return True
+    left = _node_value(node, str(constraint.get("LTarget") or ""))
+    right = _node_value(node, str(constraint.get("RTarget") or ""))
+    if operand == "is_set":
+        return left is not None
+    if operand == "is_not_set":
+        return left is None
+    if left is None or right is None:
+        return False
+    if operand in ("=", "==", "is"):
+        return left == right
+    if operand in ("!=", "not"):
+        return left != right
+    if operand in ("<", "<=", ">", ">="):
+        order = _compare(left, right)
+        return {"<": order < 0, "<=": order <= 0, ">": order > 0, ">=": order >= 0}[operand]
+    if operand == "regexp":
+        try:
+            return re.search(right, left) is not None
+        except re.error:
+            return False
+    members = {p.strip() for p in left.split(",")}
+    wanted = {p.strip() for p in right.split(",")}
+    if operand == "set_contains":
+        return wanted <= members
+    if operand == "set_contains_any":
+        return bool(wanted & members)
+    if operand in ("version", "semver"):
+        return _version_met(left, right)
+    return False

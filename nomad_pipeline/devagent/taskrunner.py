@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nomad_pipeline.devagent import artifacts, templates
 from nomad_pipeline.devagent.allocdir import (
@@ -223,6 +223,24 @@ class _PipeSink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done.done():
             self._done.set_result(None)
+
+
+class VariableSource(Protocol):
+    """Nomad variables as templates read them (``nomadVar``, ``nomadVarList``)."""
+
+    def read_variable(self, namespace: str, path: str) -> dict[str, Any] | None:
+        """The variable's Items, or None when it does not exist."""
+        ...
+
+    def list_variables(self, namespace: str, prefix: str) -> list[Obj]:
+        """Metadata of the variables under ``prefix``."""
+        ...
+
+    def variables_index(self) -> int: ...
+
+    async def wait_variables(self, after_index: int) -> None:
+        """Return once any variable changed after ``after_index``."""
+        ...
 
 
 class ChildProcess:
@@ -531,12 +549,31 @@ class TaskRunner:
         else:
             path = resolve_in_task(self.task_dir, str(template["SourcePath"]))
             source = await asyncio.to_thread(path.read_text)
-        text = templates.render(
-            source,
-            env,
-            left=template.get("LeftDelim") or "{{",
-            right=template.get("RightDelim") or "}}",
+        variables = self.owner.variables
+        namespace = str(self.owner.alloc["Namespace"])
+        data = templates.TemplateData(
+            env=env,
+            read_variable=lambda path: variables.read_variable(namespace, path),
+            list_variables=lambda prefix: variables.list_variables(namespace, prefix),
         )
+        reported: set[str] = set()
+        while True:
+            seen = variables.variables_index()
+            try:
+                text = templates.render(
+                    source,
+                    data,
+                    left=template.get("LeftDelim") or "{{",
+                    right=template.get("RightDelim") or "}}",
+                )
+                break
+            except templates.VariableMissing as missing:
+                # As consul-template: the task waits, pending, until the variable exists.
+                if missing.path not in reported:
+                    reported.add(missing.path)
+                    shown = f"Missing: nomad.var.block({missing.path}@{namespace}.global)"
+                    self.emit(task_event("Template", shown, message=shown))
+                await variables.wait_variables(seen)
         target = resolve_in_task(self.task_dir, str(template["DestPath"]))
         await asyncio.to_thread(_write_file, target, text.encode(), int(template["Perms"], 8))
         return templates.parse_env_file(text) if template.get("Envvars") else {}
@@ -737,6 +774,7 @@ class AllocRunner:
         alloc_dir: Path,
         node: Obj,
         host_env: dict[str, str],
+        variables: VariableSource,
         report: Callable[[str, dict[str, Obj]], None],
         log_written: Callable[[str], None],
     ) -> None:
@@ -745,6 +783,7 @@ class AllocRunner:
         self.alloc_dir = alloc_dir
         self.node = node
         self.host_env = host_env
+        self.variables = variables
         self.group: Obj = next(
             g for g in alloc["Job"]["TaskGroups"] if g["Name"] == alloc["TaskGroup"]
         )

@@ -647,7 +647,14 @@ class NomadClient:
                 for line in lines:
                     if not line.strip():
                         continue
-                    batch = json.loads(line)
+                    try:
+                        batch = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        # A garbled line means a broken connection as far as we can tell:
+                        # the caller reconnects and resumes by index.
+                        raise NomadUnavailable(
+                            f"event stream from {self.address} sent malformed JSON: {error}"
+                        ) from error
                     if batch:
                         yield batch
         except (aiohttp.ClientError, TimeoutError) as error:

@@ -119,7 +119,7 @@ class RunSettings:
     runner_report_grace: float = 10.0
     # Active runs are reconciled at least this often, re-reading Nomad (a safety net for an
     # event stream that dropped something; never the hot path).
-    resync_interval: float = 60.0
+    resync_interval: float = 30.0
 
 
 @dataclass(slots=True)
@@ -227,7 +227,9 @@ class RunReconciler:
         work = _Pass(run, self._initial_status(run), self._now())
         loop_now = asyncio.get_running_loop().time()
         last_read = self._last_full_read.setdefault(key, loop_now)
-        if loop_now - last_read >= self._settings.resync_interval:
+        # The resync requeue fires about ``resync_interval`` after the last read; a timer firing
+        # a hair early must still count.
+        if loop_now - last_read >= self._settings.resync_interval * 0.9:
             self._cache.invalidate_owner(key)
             self._last_full_read[key] = loop_now
 

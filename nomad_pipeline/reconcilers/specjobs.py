@@ -10,9 +10,10 @@ What the controller changes in the user's jobspec, and why:
 - ``Meta`` gains ``nomad_pipeline_run``/``_namespace``/``_step``/``_attempt``: events and job
   listings map back to the run through them.
 - Every group's (and task's) ``RestartPolicy`` and the groups' ``ReschedulePolicy`` are forced
-  to zero attempts (fail fast). Nomad's batch defaults would run a failing command up to 8 times over about two minutes;
-  retries are the controller's business (the step's ``retries``, with backoff, each attempt a new
-  job that is visible in the run's status), so Nomad must not retry behind its back.
+  to zero attempts (fail fast). Nomad's batch defaults would run a failing command up to 8
+  times over about two minutes; retries are the controller's business (the step's
+  ``retries``, with backoff, each attempt a new job that is visible in the run's status), so
+  Nomad must not retry behind its back.
 - Every task's ``Env`` gains the run's variables as ``NP_VAR_<NAME>`` (and ``NP_TRIGGER_<NAME>``
   for ``trigger.*`` variables) plus ``NP_RUN_ID``, ``NP_RUN_NAMESPACE``, ``NP_FLOW``,
   ``NP_STEP``. Values are data in the environment, never spliced into a command.

@@ -223,6 +223,8 @@ class ObjectCache:
         table = self._objects.setdefault(obj.kind, {})
         if event_type == "DELETED":
             table.pop(obj.key, None)
+            # As in Kubernetes, a deleted object carries the version of its deletion.
+            obj = with_version(obj, version)
         else:
             table[obj.key] = obj
         event = WatchEvent(type=event_type, object=obj, resource_version=version)

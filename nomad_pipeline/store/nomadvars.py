@@ -19,7 +19,6 @@ lists never reach Nomad; our own writes update the cache from the write's answer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -236,8 +235,13 @@ class NomadVarsStore(CachingStore):
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await follower
+            except asyncio.CancelledError:
+                # The follower's own cancellation ends here; ours (close() cancelled) goes on.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
         await super().close()
 
     async def wait_synced(self, index: int) -> None:

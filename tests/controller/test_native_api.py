@@ -447,3 +447,21 @@ async def test_open_watch_does_not_hold_up_shutdown(tmp_path: Any) -> None:
             await response.content.read()
         response.release()
     await store.close()
+
+
+async def test_field_manager_is_recorded_and_kept(api: Api) -> None:
+    status, body = await api.call(
+        "PUT", f"{API}/apply", json={"items": [inline_flow("hello")]}, field_manager="gitops"
+    )
+    assert status == 200, body
+    annotations = body["results"][0]["object"]["metadata"]["annotations"]
+    assert annotations == {"nomad-pipeline.io/field-manager": "gitops"}
+    # An apply naming no manager leaves the object unchanged and the manager recorded.
+    _, body = await api.apply(inline_flow("hello"))
+    assert body["results"][0]["action"] == "unchanged"
+    _, body = await api.apply(inline_flow("hello", annotations={"note": "x"}))
+    assert body["results"][0]["action"] == "configured"
+    assert body["results"][0]["object"]["metadata"]["annotations"] == {
+        "note": "x",
+        "nomad-pipeline.io/field-manager": "gitops",
+    }

@@ -285,3 +285,38 @@ async def test_namespace_holding_a_seed_flow_is_not_deleted(api: Api) -> None:
     await api.call("POST", "/v1/flows", json={"flow": SEED_INLINE_FLOW})
     status, body = await api.call("DELETE", "/v1/namespaces/jrasell")
     assert status == 409, body
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "/v1/namespaces",
+            {"namespace": {"id": "x", "descripton": "typo"}},
+            "namespace.descripton",
+        ),
+        ("/v1/namespaces", {"namespace": {"id": "x"}, "extra": 1}, "extra"),
+        (
+            "/v1/flows",
+            {"flow": {"id": "x", "inline": {"step": [{"id": "a", "run": "b", "cond": "c"}]}}},
+            "flow.inline.step[0].cond",
+        ),
+        (
+            "/v1/flows",
+            {"flow": {"id": "x", "specification": [{"id": "a", "job": {"raw": "j", "pth": "p"}}]}},
+            "flow.specification[0].job.pth",
+        ),
+        (
+            "/v1/triggers",
+            {"trigger": {"id": "t", "flow": "f", "source": {"provider": "cron", "cfg": {}}}},
+            "trigger.source.cfg",
+        ),
+    ],
+)
+async def test_unknown_seed_fields_are_refused(
+    api: Api, path: str, body: dict[str, object], field: str
+) -> None:
+    status, answer = await api.call("POST", path, json=body)
+    assert status == 400, answer
+    assert answer["error"]["field"] == field
+    assert "unknown field" in answer["error"]["message"]

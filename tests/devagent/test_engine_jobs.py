@@ -19,7 +19,7 @@ from engine_support import (
     wait_until,
 )
 
-from nomad_pipeline.devagent.state import NomadHTTPError, row_key
+from nomad_pipeline.devagent.state import Change, NomadHTTPError, row_key
 
 
 async def test_successful_batch_job_runs_once_and_ends_dead(tmp_path: Path) -> None:
@@ -263,3 +263,74 @@ async def test_deregister_of_an_unknown_job_is_a_no_op(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as engine:
         reply = await engine.deregister_job("default", "ghost", purge=True)
         assert reply["EvalID"] == "" and reply["JobModifyIndex"] == 0
+
+
+async def test_purge_then_register_runs_the_job_again(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        spec = batch_job("again", "exit 0")
+        await engine.register_job("default", spec)
+        await wait_until(engine, lambda: job_dead(engine, "again"))
+        await engine.deregister_job("default", "again", purge=True)
+        await engine.register_job("default", spec)
+        await wait_until(engine, lambda: job_dead(engine, "again") and allocs(engine, "again"))
+        [current] = allocs(engine, "again")
+        every = engine.job_allocations("default", "again", all_instances=True)
+        assert len(every) == 2 and current["ID"] == every[1]["ID"]
+        assert job(engine, "again")["Version"] == 0
+
+
+async def test_stopped_job_registered_again_is_a_new_version(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        spec = batch_job("revive", "exit 0")
+        await engine.register_job("default", spec)
+        await wait_until(engine, lambda: job_dead(engine, "revive"))
+        await engine.deregister_job("default", "revive", purge=False)
+        assert job(engine, "revive")["Stop"]
+        await engine.register_job("default", spec)
+        await wait_until(
+            engine, lambda: job_dead(engine, "revive") and len(allocs(engine, "revive")) == 2
+        )
+        revived = job(engine, "revive")
+        assert revived["Version"] == 2 and not revived["Stop"]
+
+
+async def test_namespace_capabilities_restrict_drivers(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        index = engine.state.index + 1
+        await engine.state.commit(
+            [
+                Change(
+                    "namespaces",
+                    "locked",
+                    {
+                        "Name": "locked",
+                        "Capabilities": {"DisabledTaskDrivers": ["raw_exec"]},
+                        "CreateIndex": index,
+                        "ModifyIndex": index,
+                    },
+                )
+            ]
+        )
+        with pytest.raises(NomadHTTPError) as caught:
+            await engine.register_job("locked", batch_job("nope"))
+        assert caught.value.text == (
+            'used task driver "raw_exec" in step[main] is not allowed in namespace locked'
+        )
+
+
+async def test_unmet_constraint_is_reported_like_nomad(tmp_path: Path) -> None:
+    windows = {"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "="}
+    async with running_engine(tmp_path) as engine:
+        reply = await engine.register_job("default", batch_job("win", Constraints=[windows]))
+        evaluation = await wait_until(
+            engine,
+            lambda: (
+                (e := engine.state.get("evals", reply["EvalID"]))
+                and e["Status"] == "complete"
+                and e
+            ),
+        )
+        failed = evaluation["FailedTGAllocs"]["step"]
+        assert failed["ConstraintFiltered"] == {"${attr.kernel.name} = windows": 1}
+        assert allocs(engine, "win") == []
+        assert job(engine, "win")["Status"] == "pending"

@@ -230,3 +230,26 @@ async def test_restart_over_the_same_data_marks_running_allocations_lost(tmp_pat
         assert done["ClientStatus"] == "complete"
         assert job(engine, "done")["Status"] == "dead"
         json.dumps(lost)
+
+
+async def test_evaluate_with_force_reschedule_replaces_a_final_failure(tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as engine:
+        await engine.register_job("default", batch_job("forced", "exit 1"))
+        await wait_until(engine, lambda: job_dead(engine, "forced"))
+        [failed] = allocs(engine, "forced")
+        plain = await engine.evaluate_job("default", "forced")
+        await wait_until(
+            engine,
+            lambda: (e := engine.state.get("evals", plain["EvalID"])) and e["Status"] == "complete",
+        )
+        assert len(allocs(engine, "forced")) == 1  # no budget left: nothing to do
+        await engine.evaluate_job("default", "forced", force_reschedule=True)
+        await wait_until(
+            engine, lambda: len(allocs(engine, "forced")) == 2 and job_dead(engine, "forced")
+        )
+        old, new = allocs(engine, "forced")
+        assert old["ID"] == failed["ID"] and old["NextAllocation"] == new["ID"]
+        assert new["PreviousAllocation"] == old["ID"]
+        with pytest.raises(NomadHTTPError) as caught:
+            await engine.evaluate_job("default", "unknown")
+        assert (caught.value.status, caught.value.text) == (404, "job not found")

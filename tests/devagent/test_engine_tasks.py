@@ -20,6 +20,8 @@ from engine_support import (
     wait_until,
 )
 
+from nomad_pipeline.devagent.state import Change, row_key
+
 DUMP_ENV = "env > $NOMAD_ALLOC_DIR/data/env.txt"
 
 
@@ -387,3 +389,43 @@ async def test_many_concurrent_allocations_all_complete(tmp_path: Path) -> None:
         for alloc in every[:4]:
             log = engine.alloc_dir(alloc["ID"]) / "alloc" / "logs" / "main.stdout.0"
             assert log.read_text() == alloc["Name"][-2] + "\n"
+
+
+async def test_template_waits_for_a_missing_variable(tmp_path: Path) -> None:
+    task = shell_task(
+        "cat local/conf > $NOMAD_ALLOC_DIR/data/out.txt",
+        Templates=[
+            {
+                "EmbeddedTmpl": '{{ with nomadVar "nomad/jobs/vjob" }}{{ .token }}{{ end }}\n',
+                "DestPath": "local/conf",
+            }
+        ],
+    )
+    async with running_engine(tmp_path) as engine:
+        await engine.register_job("default", batch_job("vjob", tasks=[task]))
+        waiting = await wait_until(
+            engine,
+            lambda: (
+                (a := allocs(engine, "vjob"))
+                and a[0]["TaskStates"]
+                and "Template" in event_types(a[0])
+                and a[0]
+            ),
+        )
+        assert waiting["ClientStatus"] == "pending"
+        message = waiting["TaskStates"]["main"]["Events"][-1]["DisplayMessage"]
+        assert message == "Missing: nomad.var.block(nomad/jobs/vjob@default.global)"
+        index = engine.state.index + 1
+        variable = {
+            "Namespace": "default",
+            "Path": "nomad/jobs/vjob",
+            "Items": {"token": "s3cret"},
+            "CreateIndex": index,
+            "ModifyIndex": index,
+        }
+        await engine.state.commit([Change("vars", row_key("default", "nomad/jobs/vjob"), variable)])
+        await wait_until(engine, lambda: job_dead(engine, "vjob"))
+        [alloc] = allocs(engine, "vjob")
+        assert alloc["ClientStatus"] == "complete"
+        out = engine.alloc_dir(alloc["ID"]) / "alloc" / "data" / "out.txt"
+        assert out.read_text() == "s3cret\n"

@@ -236,3 +236,84 @@ def test_restart_tracker_policies() -> None:
     assert RestartTracker(policy, "batch", {"Hook": "prestart", "Sidecar": True}).next(
         success=True
     ) == ("fail", 0, "Policy allows no restarts")
+
+
+NODE = {
+    "ID": "n1",
+    "Name": "dev",
+    "Datacenter": "dc1",
+    "NodePool": "default",
+    "Meta": {"rack": "r1"},
+    "Attributes": {"kernel.name": "linux", "cpu.numcores": "8", "nomad.version": "1.9.7"},
+}
+
+
+@pytest.mark.parametrize(
+    ("constraint", "met"),
+    [
+        ({"LTarget": "${attr.kernel.name}", "RTarget": "linux", "Operand": "="}, True),
+        ({"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "="}, False),
+        ({"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "!="}, True),
+        ({"LTarget": "${attr.cpu.numcores}", "RTarget": "10", "Operand": "<"}, True),
+        ({"LTarget": "${attr.cpu.numcores}", "RTarget": "4", "Operand": ">="}, True),
+        ({"LTarget": "${node.datacenter}", "RTarget": "^dc[0-9]$", "Operand": "regexp"}, True),
+        ({"LTarget": "${meta.rack}", "Operand": "is_set"}, True),
+        ({"LTarget": "${attr.gpu}", "Operand": "is_not_set"}, True),
+        ({"LTarget": "${attr.gpu}", "RTarget": "x", "Operand": "="}, False),
+        (
+            {"LTarget": "${attr.nomad.version}", "RTarget": ">= 1.5, < 2.0", "Operand": "version"},
+            True,
+        ),
+        ({"LTarget": "${attr.nomad.version}", "RTarget": "~> 1.8", "Operand": "version"}, True),
+        ({"LTarget": "${attr.nomad.version}", "RTarget": "~> 1.8.0", "Operand": "version"}, False),
+        ({"Operand": "distinct_hosts", "RTarget": "true"}, True),
+    ],
+)
+def test_constraints(constraint: dict[str, str], met: bool) -> None:
+    assert scheduler.constraint_met(NODE, constraint) is met
+
+
+def variables_data(env: dict[str, str] | None = None) -> templates.TemplateData:
+    store = {"nomad/jobs/app": {"user": "ada", "port": "8080"}, "shared/x": {"k": "v"}}
+    return templates.TemplateData(
+        env=env or {},
+        read_variable=store.get,
+        list_variables=lambda prefix: [{"Path": p} for p in sorted(store) if p.startswith(prefix)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{{ with nomadVar "nomad/jobs/app" }}{{ .user }}:{{ .port }}{{ end }}', "ada:8080"),
+        (
+            '{{ range $k, $v := nomadVar "nomad/jobs/app" }}{{ $k }}={{ $v }};{{ end }}',
+            "port=8080;user=ada;",
+        ),
+        ('{{ range nomadVarList "" }}{{ .Path }} {{ end }}', "nomad/jobs/app shared/x "),
+        ('{{ if nomadVarExists "missing" }}yes{{ else }}no{{ end }}', "no"),
+        ('{{ if eq (env "A") "1" }}x{{ end }}', None),
+        ('{{ if eq "1" "1" }}one{{ else if eq "1" "2" }}two{{ else }}none{{ end }}', "one"),
+        ('{{ if eq "1" "3" }}one{{ else if eq "1" "1" }}two{{ else }}none{{ end }}', "two"),
+        ('{{ with nomadVar "shared/x" }}{{ .absent }}{{ end }}', "<no value>"),
+        ('{{ nomadVar "shared/x" | toJSON }}', '{"k":"v"}'),
+        ('{{ printf "%s-%d" "a" 3 }}', "a-3"),
+        ('{{ $ }}{{ range split "," "a,b" }}[{{ . }}]{{ end }}', "<no value>[a][b]"),
+    ],
+)
+def test_template_control_flow_and_variables(text: str, expected: str | None) -> None:
+    if expected is None:
+        with pytest.raises(templates.TemplateError):
+            templates.render(text, variables_data({"A": "1"}))
+        return
+    assert templates.render(text, variables_data()) == expected
+
+
+def test_missing_variable_blocks_rendering() -> None:
+    with pytest.raises(templates.VariableMissing) as caught:
+        templates.render('{{ with nomadVar "nomad/jobs/none" }}{{ end }}', variables_data())
+    assert caught.value.path == "nomad/jobs/none"
+    with pytest.raises(templates.TemplateError, match="if not closed"):
+        templates.render("{{ if true }}open", {})
+    with pytest.raises(templates.TemplateError, match="unexpected end"):
+        templates.render("{{ end }}", {})

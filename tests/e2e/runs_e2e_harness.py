@@ -152,6 +152,7 @@ class E2E:
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
+        run: dict[str, Any] = {}
         while True:
             try:
                 run = await self.api_get_run(run_id)
@@ -160,7 +161,9 @@ class E2E:
             except aiohttp.ClientError:
                 pass
             if loop.time() > end:
-                raise AssertionError(f"run {run_id} did not end in time")
+                raise AssertionError(
+                    f"run {run_id} did not reach {sorted(phases)} in time: {run.get('status')}"
+                )
             await asyncio.sleep(0.05)
 
 

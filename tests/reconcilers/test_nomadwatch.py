@@ -43,6 +43,15 @@ def make_cache() -> tuple[JobCache, list[tuple[str, str]]]:
     return JobCache(woken.append), woken
 
 
+def test_task_events_of_a_pending_allocation_do_not_wake_the_run() -> None:
+    cache, woken = make_cache()
+    cache.track(KEY, OWNER)
+    cache.fill(KEY, {"ID": KEY[1], "Status": "running", "ModifyIndex": 3}, [], None)
+    cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "pending")]})
+    cache.apply({"Index": 5, "Events": [alloc_event("a1", 5, "pending")]})
+    assert woken == [OWNER]
+
+
 def test_untracked_jobs_are_not_cached_but_wake_their_owner_by_meta() -> None:
     cache, woken = make_cache()
     cache.apply({"Index": 5, "Events": [job_event(5, "pending")]})
@@ -70,7 +79,8 @@ def test_tracked_job_follows_events_and_newer_data_wins() -> None:
     observation = cache.get(KEY)
     assert observation is not None
     assert observation.allocations["a1"]["ClientStatus"] == "complete"
-    assert woken == [OWNER, OWNER]
+    # One wake-up per batch that changed something the run acts on; the stale one changed none.
+    assert woken == [OWNER]
 
 
 def test_placement_failure_evaluation_is_kept_over_the_blocked_one() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.store.core import CachingStore
 from nomad_pipeline.store.memory import MemoryStore
@@ -30,8 +31,6 @@ async def nomad_address(backend: str, tmp_path: Path) -> AsyncIterator[str | Non
     if backend != "nomad-vars":
         yield None
         return
-    from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
-
     agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "agent"))
     address = await agent.start()
     try:

@@ -250,6 +250,7 @@ async def test_watch_resumes_from_a_listed_version(store: CachingStore) -> None:
     ]
     versions = [e.resource_version for e in events]
     assert versions == sorted(versions)
+    assert events[2].object.metadata.resource_version == str(versions[2])
     assert versions[0] > listed.resource_version
     # Resuming after the second event yields the third only.
     resumed = await take(store.watch(Flow, since=versions[1]), 1)

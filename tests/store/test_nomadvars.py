@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
-from nomad_pipeline.errors import Conflict, NotFound, TooLarge
+from nomad_pipeline.errors import Conflict, NomadUnavailable, NotFound, TooLarge
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.resources.kinds import Flow, Namespace, Run
 from nomad_pipeline.store.interface import WatchEvent
@@ -275,3 +275,42 @@ async def test_start_loads_many_objects(client: NomadClient) -> None:
         assert all(isinstance(f, Flow) for f in listed.items)
     finally:
         await reader.close()
+
+
+async def test_the_follower_survives_a_nomad_restart(tmp_path: Path) -> None:
+    first_agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "agent"))
+    address = await first_agent.start()
+    port = int(address.rsplit(":", 1)[1])
+    async with NomadClient(address) as nomad:
+        store = NomadVarsStore(nomad)
+        await store.start()
+        second_agent: DevAgent | None = None
+        first_running = True
+        try:
+            await store.create(make_flow("before"))
+            await first_agent.stop()
+            first_running = False
+            with pytest.raises(NomadUnavailable):
+                await store.create(make_flow("during"))
+
+            second_agent = DevAgent(DevAgentConfig(port=port, data_dir=tmp_path / "agent"))
+            await second_agent.start()
+            async with NomadClient(address) as other:
+                writer = NomadVarsStore(other)
+                await writer.start()
+                try:
+                    written = await writer.create(make_flow("after"))
+                finally:
+                    await writer.close()
+            async with asyncio.timeout(WAIT_SECONDS):
+                await store.wait_synced(int(written.metadata.resource_version or 0))
+            assert {f.metadata.name for f in (await store.list(Flow)).items} == {
+                "before",
+                "after",
+            }
+        finally:
+            await store.close()
+            if first_running:
+                await first_agent.stop()
+            if second_agent is not None:
+                await second_agent.stop()

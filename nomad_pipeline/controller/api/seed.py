@@ -16,9 +16,10 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -41,6 +42,8 @@ from nomad_pipeline.resources.meta import API_GROUP, API_VERSION, Resource
 from nomad_pipeline.resources.validation import invalid_from
 from nomad_pipeline.store.interface import Store
 
+R = TypeVar("R", bound=Resource)
+
 ALL_NAMESPACES = "*"
 # Go's zero time, which the seed prints for a time that has not happened yet.
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -48,6 +51,10 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 SOURCE_ID_ANNOTATION = f"{API_GROUP}/seed-source-id"
 # A jobspec variable's value in the seed names a flow variable; ours is a template.
 _PLAIN_VARIABLE_TEMPLATE = re.compile(r"^\$\{var\.([A-Za-z0-9_.]+)\}$")
+# The seed's JSON field names at each level (``variables`` is accepted beside ``variable``).
+_FLOW_FIELDS = ("id", "namespace", "variable", "variables", "inline", "specification")
+_VARIABLE_FIELDS = ("name", "type", "default", "required", "description")
+_RUNNER_FIELDS = ("namespace", "image", "artifact", "resource", "driver")
 
 
 def setup_seed_routes(app: web.Application) -> None:
@@ -92,18 +99,28 @@ def _time(value: datetime | None) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def _build(kind: type[Resource], wire: dict[str, Any], where: str) -> Resource:
+def _build(kind: type[R], wire: dict[str, Any], where: str) -> R:
     try:
         return kind.model_validate(wire)
     except ValidationError as error:
         raise invalid_from(error, prefix=where) from None
 
 
-def _object(body: dict[str, Any], key: str) -> dict[str, Any]:
+def _object(body: dict[str, Any], key: str, allowed: Collection[str]) -> dict[str, Any]:
+    _check_known(body, "", (key,))
     value = body.get(key)
     if not isinstance(value, dict):
         raise Invalid(f"the request body needs {key!r}: an object", field=key)
+    _check_known(value, key, allowed)
     return value
+
+
+def _check_known(value: dict[str, Any], prefix: str, allowed: Collection[str]) -> None:
+    """Unknown fields are errors, never silently dropped (a misspelt key must be reported)."""
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        path = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise Invalid(f"{path}: unknown field (known: {', '.join(sorted(allowed))})", field=path)
 
 
 def _text(value: Any, field: str, *, required: bool = True) -> str:
@@ -122,15 +139,17 @@ def _list(value: Any, field: str) -> list[Any]:
     return value
 
 
-def _dict(value: Any, field: str) -> dict[str, Any]:
+def _dict(value: Any, field: str, allowed: Collection[str] | None = None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise Invalid(f"{field} must be an object", field=field)
+    if allowed is not None:
+        _check_known(value, field, allowed)
     return value
 
 
-async def _create(store: Store, obj: Resource) -> Resource:
+async def _create(store: Store, obj: R) -> R:
     await admission.admit(store, obj)
     return await store.create(obj)
 
@@ -156,7 +175,7 @@ def namespace_to_seed(namespace: Namespace) -> dict[str, Any]:
 
 async def create_namespace(request: web.Request) -> web.Response:
     """Create a namespace: ``{"namespace": {"id", "description"}}``."""
-    seed = _object(await read_json_object(request), "namespace")
+    seed = _object(await read_json_object(request), "namespace", ("id", "description"))
     wire = {
         "apiVersion": API_VERSION,
         "kind": "Namespace",
@@ -166,11 +185,7 @@ async def create_namespace(request: web.Request) -> web.Response:
         },
     }
     namespace = _build(Namespace, wire, "namespace")
-    namespace = namespace.model_copy(
-        update={"metadata": namespace.metadata.model_copy(update={"namespace": ""})}
-    )
     created = await shielded(request.app, _create(request.app[STORE], namespace))
-    assert isinstance(created, Namespace)
     return web.json_response({"namespace": namespace_to_seed(created)}, status=201)
 
 
@@ -215,7 +230,7 @@ def flow_from_seed(seed: dict[str, Any], namespace: str) -> Flow:
     spec["variables"] = [
         {
             key: value
-            for key, value in _dict(variable, f"flow.variable[{index}]").items()
+            for key, value in _dict(variable, f"flow.variable[{index}]", _VARIABLE_FIELDS).items()
             if value is not None
         }
         for index, variable in enumerate(_list(variables, "flow.variable"))
@@ -223,11 +238,13 @@ def flow_from_seed(seed: dict[str, Any], namespace: str) -> Flow:
     inline = seed.get("inline")
     specification = seed.get("specification")
     if inline is not None:
-        spec["inline"] = _inline_from_seed(_dict(inline, "flow.inline"))
+        spec["inline"] = _inline_from_seed(_dict(inline, "flow.inline", ("id", "runner", "step")))
     if specification is not None:
         spec["specification"] = {
             "steps": [
-                _spec_step_from_seed(_dict(step, f"flow.specification[{index}]"), index)
+                _spec_step_from_seed(
+                    _dict(step, f"flow.specification[{index}]", ("id", "condition", "job")), index
+                )
                 for index, step in enumerate(_list(specification, "flow.specification"))
             ]
         }
@@ -237,17 +254,20 @@ def flow_from_seed(seed: dict[str, Any], namespace: str) -> Flow:
         "metadata": {"name": _text(seed.get("id"), "flow.id"), "namespace": namespace},
         "spec": spec,
     }
-    flow = _build(Flow, wire, "flow")
-    assert isinstance(flow, Flow)
-    return flow
+    return _build(Flow, wire, "flow")
 
 
 def _inline_from_seed(inline: dict[str, Any]) -> dict[str, Any]:
     runner = _dict(
-        _dict(inline.get("runner"), "flow.inline.runner").get("nomad_on_demand"),
+        _dict(inline.get("runner"), "flow.inline.runner", ("nomad_on_demand",)).get(
+            "nomad_on_demand"
+        ),
         "flow.inline.runner.nomad_on_demand",
     )
-    resource = _dict(runner.get("resource"), "flow.inline.runner.nomad_on_demand.resource")
+    _check_known(runner, "flow.inline.runner.nomad_on_demand", _RUNNER_FIELDS)
+    resource = _dict(
+        runner.get("resource"), "flow.inline.runner.nomad_on_demand.resource", ("cpu", "memory")
+    )
     image = runner.get("image") or None
     ours_runner: dict[str, Any] = {
         "namespace": runner.get("namespace") or "default",
@@ -257,7 +277,9 @@ def _inline_from_seed(inline: dict[str, Any]) -> dict[str, Any]:
             {
                 key: value
                 for key, value in _dict(
-                    artifact, f"flow.inline.runner.nomad_on_demand.artifact[{index}]"
+                    artifact,
+                    f"flow.inline.runner.nomad_on_demand.artifact[{index}]",
+                    ("source", "destination", "options"),
                 ).items()
                 if value is not None
             }
@@ -271,7 +293,7 @@ def _inline_from_seed(inline: dict[str, Any]) -> dict[str, Any]:
         ours_runner["image"] = image
     steps = []
     for index, step in enumerate(_list(inline.get("step"), "flow.inline.step")):
-        seed_step = _dict(step, f"flow.inline.step[{index}]")
+        seed_step = _dict(step, f"flow.inline.step[{index}]", ("id", "condition", "run"))
         ours: dict[str, Any] = {
             "name": seed_step.get("id"),
             "run": seed_step.get("run"),
@@ -287,7 +309,7 @@ def _inline_from_seed(inline: dict[str, Any]) -> dict[str, Any]:
 
 def _spec_step_from_seed(step: dict[str, Any], index: int) -> dict[str, Any]:
     where = f"flow.specification[{index}].job"
-    job = _dict(step.get("job"), where)
+    job = _dict(step.get("job"), where, ("name_format", "path", "raw", "variables"))
     raw = job.get("raw") or None
     path = job.get("path") or None
     ours_job: dict[str, Any] = {
@@ -383,7 +405,7 @@ def flow_type(flow: Flow) -> str:
 
 async def create_flow(request: web.Request) -> web.Response:
     """Create a flow: ``{"flow": {"id", "namespace", "variable", "inline"|"specification"}}``."""
-    seed = _object(await read_json_object(request), "flow")
+    seed = _object(await read_json_object(request), "flow", _FLOW_FIELDS)
     query_namespace = request.query.get("namespace")
     flow_namespace = seed.get("namespace")
     if query_namespace and flow_namespace and query_namespace != flow_namespace:
@@ -401,7 +423,6 @@ async def create_flow(request: web.Request) -> web.Response:
     # cannot find is refused naming the field.
     await asyncio.to_thread(manifests.resolve_job_sources, flow, bases=[Path.cwd()])
     created = await shielded(request.app, _create(request.app[STORE], flow))
-    assert isinstance(created, Flow)
     return web.json_response({"flow": flow_to_seed(created)}, status=201)
 
 
@@ -532,7 +553,7 @@ def _trigger_config(value: Any) -> dict[str, Any]:
 
 
 def trigger_from_seed(seed: dict[str, Any], namespace: str) -> Trigger:
-    source = _dict(seed.get("source"), "trigger.source")
+    source = _dict(seed.get("source"), "trigger.source", ("id", "provider", "config"))
     if not source:
         raise Invalid("trigger source cannot be empty", field="trigger.source")
     provider = _text(source.get("provider"), "trigger.source.provider")
@@ -569,9 +590,7 @@ def trigger_from_seed(seed: dict[str, Any], namespace: str) -> Trigger:
         },
         "spec": {"flow": _text(seed.get("flow"), "trigger.flow"), "source": ours_source},
     }
-    trigger = _build(Trigger, wire, "trigger")
-    assert isinstance(trigger, Trigger)
-    return trigger
+    return _build(Trigger, wire, "trigger")
 
 
 def trigger_to_seed(trigger: Trigger) -> dict[str, Any]:
@@ -606,7 +625,9 @@ def trigger_to_seed(trigger: Trigger) -> dict[str, Any]:
 
 async def create_trigger(request: web.Request) -> web.Response:
     """Create a trigger: ``{"trigger": {"id", "namespace", "flow", "source"}}``."""
-    seed = _object(await read_json_object(request), "trigger")
+    seed = _object(
+        await read_json_object(request), "trigger", ("id", "namespace", "flow", "source")
+    )
     namespace = seed.get("namespace") or requested_namespace(request)
     if namespace == ALL_NAMESPACES:
         raise Invalid("wildcard namespace not allowed here", field="namespace")
@@ -621,7 +642,6 @@ async def create_trigger(request: web.Request) -> web.Response:
             field="trigger.flow",
         ) from None
     created = await shielded(request.app, _create(store, trigger))
-    assert isinstance(created, Trigger)
     return web.json_response({"trigger": trigger_to_seed(created)}, status=201)
 
 
