@@ -181,6 +181,9 @@ async def bench_memory(runs: int, workdir: Path) -> None:
 
             await timed(20, get_one)  # warm-up
             await measure("get run", process.pid, 1000, get_one)
+            # The first list serialises every object; later ones reuse each unchanged object's
+            # JSON, so both are shown.
+            await measure(f"list {runs} runs, first", process.pid, 1, list_all)
             await measure(f"list {runs} runs", process.pid, 20, list_all)
             await measure("apply 1 run (create)", process.pid, 300, apply_one)
             print(

@@ -3,9 +3,15 @@
 The HTTP layer calls :class:`Engine`; every state change goes through :class:`_Txn`, which
 builds one atomic :meth:`StateStore.commit` with its events and recomputes the status of every
 job it touched (Nomad's ``getJobStatus`` runs inside the same Raft apply). Evaluations are
-processed one at a time by a single scheduler worker, so plans never race. Client updates from
-the task runners are coalesced by a flusher into batched commits, as Nomad's client batches its
-allocation updates, which keeps 200 concurrent allocations cheap.
+planned by a single scheduler worker, several per commit under load, so plans never race.
+Client updates from the task runners are coalesced by a flusher into batched commits, as
+Nomad's client batches its allocation updates, which keeps 200 concurrent allocations cheap.
+
+Beyond the HTTP layer's calls, the engine answers ``job_allocations``, ``job_evaluations``,
+``job_versions`` and ``evaluate_job``, and serves Nomad variables to task templates.
+Resources are recorded and checked against the node's capacity for placement, never enforced.
+Periodic jobs launch ``<parent>/periodic-<unix>`` children at their cron times while the agent
+runs (launches missed while it was down are not made up).
 
 Single-writer rule: between reading state and calling ``commit`` there is never an ``await``,
 so each transaction sees and writes a consistent snapshot.
@@ -151,9 +157,14 @@ class _Txn:
                 events.append(event)
         events.extend(self.extra_events)
         self.engine.index_changes(self._puts)
-        index = await self.state.commit(changes, events)
-        for evaluation in self.evals_to_run:
-            self.engine.schedule_eval(evaluation)
+        try:
+            index = await self.state.commit(changes, events)
+        finally:
+            # The change is applied in memory before the commit awaits the disk, so its
+            # evaluations must run even if the request that made it is cancelled meanwhile (a
+            # client killed right after a register): a skipped one would stay pending forever.
+            for evaluation in self.evals_to_run:
+                self.engine.schedule_eval(evaluation)
         return index
 
     def _event_for(self, table: str, key: str, value: Obj | None, event_type: str) -> Event | None:
@@ -218,6 +229,10 @@ class Engine:
         self._host_env = host_environment()
         self._worker: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._periodic: asyncio.Task[None] | None = None
+        self._periodic_wake = asyncio.Event()
+        # Per periodic job: the launch time (unix s) the next launch is computed from.
+        self._periodic_last: dict[str, float] = {}
         self._stopping = False
 
     # -- the node ------------------------------------------------------------------------
@@ -372,6 +387,7 @@ class Engine:
         await txn.commit()
         self._worker = asyncio.create_task(self._eval_loop(), name="devagent-scheduler")
         self._flusher = asyncio.create_task(self._flush_loop(), name="devagent-client-updates")
+        self._periodic = asyncio.create_task(self._periodic_loop(), name="devagent-periodic")
 
     def _mark_lost(self, txn: _Txn) -> None:
         """Allocations that were running when the agent went away have no process any more."""
@@ -420,12 +436,12 @@ class Engine:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        for task in (self._worker, self._flusher):
+        for task in (self._worker, self._flusher, self._periodic):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._worker = self._flusher = None
+        self._worker = self._flusher = self._periodic = None
         await self._flush_dirty()
         for runner in self._runners.values():
             runner.request_stop(shutdown=True)
@@ -682,6 +698,8 @@ class Engine:
             txn.put_eval(evaluation)
             eval_id, eval_index = evaluation["ID"], txn.index
         index = await txn.commit()
+        if job.get("Periodic"):
+            self._periodic_wake.set()
         return _write_response(
             index,
             EvalID=eval_id,
@@ -1322,6 +1340,67 @@ class Engine:
         }
         txn.put("allocs", alloc_id, alloc)
         return alloc
+
+    # -- periodic jobs ---------------------------------------------------------------------
+
+    async def _periodic_loop(self) -> None:
+        """Launch children of periodic jobs at their cron times (Nomad's periodic dispatcher)."""
+        while True:
+            self._periodic_wake.clear()
+            now = time.time()
+            soonest: float | None = None
+            due: list[tuple[Obj, float]] = []
+            live: set[str] = set()
+            for job in self.state.rows("jobs"):
+                periodic = job.get("Periodic") or {}
+                if not periodic.get("Enabled") or job.get("Stop"):
+                    continue
+                key = row_key(job["Namespace"], job["ID"])
+                live.add(key)
+                launch = jobspec.next_periodic_launch(
+                    periodic, self._periodic_last.setdefault(key, now)
+                )
+                if launch is None:
+                    continue
+                if launch <= now:
+                    due.append((job, launch))
+                elif soonest is None or launch < soonest:
+                    soonest = launch
+            for key in set(self._periodic_last) - live:
+                del self._periodic_last[key]
+            for job, launch in due:
+                self._periodic_last[row_key(job["Namespace"], job["ID"])] = launch
+                try:
+                    await self._launch_periodic(job, launch)
+                except NomadHTTPError:
+                    log.exception("periodic launch failed", extra={"job_id": job["ID"]})
+            if due:
+                continue
+            timeout = None if soonest is None else max(soonest - time.time(), 0.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._periodic_wake.wait()
+
+    async def _launch_periodic(self, parent: Obj, launch: float) -> None:
+        namespace, parent_id = parent["Namespace"], parent["ID"]
+        children = [
+            j
+            for j in self.state.rows("jobs")
+            if j.get("ParentID") == parent_id and j["Namespace"] == namespace
+        ]
+        if parent["Periodic"].get("ProhibitOverlap") and any(
+            c["Status"] != "dead" for c in children
+        ):
+            return
+        child_id = f"{parent_id}/periodic-{int(launch)}"
+        if self.state.get("jobs", row_key(namespace, child_id)) is not None:
+            return
+        child = {k: v for k, v in parent.items() if k not in jobspec.SERVER_SET_FIELDS}
+        child.update(ID=child_id, Name=child_id, ParentID=parent_id, Periodic=None, Stop=False)
+        txn = _Txn(self, "JobRegistered")
+        stored = self._store_job_version(txn, child, None)
+        txn.put_eval(self._new_eval(txn, stored, "periodic-job"))
+        await txn.commit()
 
     # -- the client ------------------------------------------------------------------------
 

@@ -6,8 +6,12 @@ Everything here is pure: dicts in, dicts out. Durations are int64 nanoseconds as
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 from typing import Any, TypeGuard
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
 
 Obj = dict[str, Any]
 
@@ -143,6 +147,18 @@ def canonicalize(job: Obj, *, namespace: str, region: str = "global") -> Obj:
         ("NomadTokenID", ""),
     ):
         job.setdefault(key, default)
+    periodic = job.get("Periodic")
+    if isinstance(periodic, dict):
+        for key, default in (
+            ("Enabled", True),
+            ("Spec", ""),
+            ("Specs", None),
+            ("SpecType", "cron"),
+            ("ProhibitOverlap", False),
+            ("TimeZone", "UTC"),
+        ):
+            if periodic.get(key) is None:
+                periodic[key] = default
     parameterized = job.get("ParameterizedJob")
     if isinstance(parameterized, dict):
         parameterized.setdefault("Payload", "optional")
@@ -551,6 +567,69 @@ def validate(job: Obj) -> list[str]:
     meta = job.get("Meta")
     if meta is not None and not _is_string_map(meta):
         errors.append("Job Meta must map strings to strings")
+    errors.extend(_constraint_errors(job.get("Constraints")))
+    errors.extend(_periodic_errors(job))
+    return errors
+
+
+def _periodic_specs(periodic: Obj) -> list[str]:
+    specs = list(periodic.get("Specs") or [])
+    if periodic.get("Spec"):
+        specs.insert(0, periodic["Spec"])
+    return [str(s) for s in specs]
+
+
+def _periodic_errors(job: Obj) -> list[str]:
+    periodic = job.get("Periodic")
+    if periodic is None:
+        return []
+    if not isinstance(periodic, dict):
+        return ["Periodic must be an object"]
+    if not periodic.get("Enabled"):
+        return []
+    errors: list[str] = []
+    if job.get("Type") not in ("batch", "sysbatch"):
+        errors.append('Periodic can only be used with "batch" or "sysbatch" scheduler')
+    if periodic.get("SpecType", "cron") not in ("cron", ""):
+        errors.append(f"Unknown periodic specification type {periodic.get('SpecType')!r}")
+    specs = _periodic_specs(periodic)
+    if not specs:
+        errors.append("Must specify a spec")
+    for spec in specs:
+        if not croniter.is_valid(spec, second_at_beginning=len(spec.split()) == 6):
+            errors.append(f"Invalid cron spec {spec!r}")
+    try:
+        ZoneInfo(str(periodic.get("TimeZone") or "UTC"))
+    except (ZoneInfoNotFoundError, ValueError):
+        errors.append(f"Invalid time zone {periodic.get('TimeZone')!r}")
+    return errors
+
+
+def next_periodic_launch(periodic: Obj, after: float) -> float | None:
+    """The first launch time (unix seconds) strictly after ``after``, over every spec."""
+    zone = ZoneInfo(str(periodic.get("TimeZone") or "UTC"))
+    start = datetime.datetime.fromtimestamp(after, zone)
+    launches = [
+        croniter(spec, start, second_at_beginning=len(spec.split()) == 6).get_next(float)
+        for spec in _periodic_specs(periodic)
+    ]
+    return min(launches, default=None)
+
+
+def _constraint_errors(constraints: Any) -> list[str]:
+    if constraints is None:
+        return []
+    if not isinstance(constraints, list):
+        return ["Constraints must be a list"]
+    errors: list[str] = []
+    for number, constraint in enumerate(constraints, start=1):
+        if not isinstance(constraint, dict) or not all(
+            isinstance(constraint.get(k, ""), str) for k in ("LTarget", "RTarget", "Operand")
+        ):
+            errors.append(
+                f"Constraint {number} validation failed: "
+                "LTarget, RTarget and Operand must be strings"
+            )
     return errors
 
 
@@ -578,6 +657,7 @@ def _validate_group(group: Obj, job: Obj) -> list[str]:
     meta = group.get("Meta")
     if meta is not None and not _is_string_map(meta):
         errors.append("Task group Meta must map strings to strings")
+    errors.extend(_constraint_errors(group.get("Constraints")))
     if isinstance(tasks, list):
         seen: dict[str, int] = {}
         leaders = 0
@@ -707,6 +787,7 @@ def _validate_task(task: Obj, job: Obj) -> list[str]:
         if value is not None and not _is_string_map(value):
             errors.append(f"Task {key} must map strings to strings")
     errors.extend(_validate_restart(task.get("RestartPolicy"), "Task"))
+    errors.extend(_constraint_errors(task.get("Constraints")))
     lifecycle = task.get("Lifecycle")
     if lifecycle is not None and (
         not isinstance(lifecycle, dict) or lifecycle.get("Hook") not in LIFECYCLE_HOOKS

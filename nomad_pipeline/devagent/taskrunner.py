@@ -707,7 +707,7 @@ class TaskRunner:
             self.finished.set()
             return
         if reason is not None and not self.dead:
-            self.emit(reason)
+            self.emit(dict(reason))  # one event object per task: states are copied apart
         self._kill_requested.set()
         if self._setup is not None:
             self._setup.cancel()
@@ -923,8 +923,11 @@ class AllocRunner:
             reason = task_event("Leader Task Dead", "Leader Task in Group dead")
         else:
             reason = task_event("Main Tasks Dead", "Main tasks in the group died")
-        ordered = ([leader] if leader else []) + [r for r in mains if r is not leader]
-        ordered += by_hook["prestart"] + by_hook["poststart"]
-        for runner in ordered:
-            if not runner.dead and not runner.finished.is_set():
-                await runner.kill(reason if runner.launched else None)
+        waves = [
+            [leader] if leader is not None else [],
+            [r for r in mains if r is not leader],
+            by_hook["prestart"] + by_hook["poststart"],
+        ]
+        for wave in waves:
+            alive = [r for r in wave if not r.dead and not r.finished.is_set()]
+            await asyncio.gather(*(r.kill(reason if r.launched else None) for r in alive))

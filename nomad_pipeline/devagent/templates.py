@@ -25,7 +25,7 @@ class TemplateError(Exception):
     pass
 
 
-class VariableMissing(Exception):  # noqa: N818 - a condition to wait on, not an error
+class VariableMissing(Exception):
     """A ``nomadVar`` read a variable that does not exist yet."""
 
     def __init__(self, path: str) -> None:

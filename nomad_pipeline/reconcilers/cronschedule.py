@@ -24,6 +24,9 @@ from croniter import croniter
 # Wall time and real time differ by at most this much across any DST change in the tz database.
 _MAX_DST_SHIFT = timedelta(hours=2)
 _MINUTE = timedelta(minutes=1)
+# Spans shorter than this hold at most one DST change in every zone of the tz database, so
+# an equal UTC offset at both ends means none.
+_FIXED_OFFSET_SPAN = timedelta(days=1)
 
 
 def _wall(instant: datetime, tz: ZoneInfo) -> datetime:
@@ -76,19 +79,37 @@ class CronSchedule:
             wall = wall_times.get_next(datetime) if forward else wall_times.get_prev(datetime)
             yield wall, _instants_of(wall, self.timezone, every_hour=every_hour)
 
+    def _fixed_offset(self, start: datetime, end: datetime) -> bool:
+        """True when no DST change can lie between the instants ``start`` and ``end``: the span
+        is short and the zone's UTC offset is the same at both ends."""
+        if end - start > _FIXED_OFFSET_SPAN:
+            return False
+        return (
+            start.astimezone(self.timezone).utcoffset() == end.astimezone(self.timezone).utcoffset()
+        )
+
+    def _instant(self, wall: datetime) -> datetime:
+        return wall.replace(tzinfo=self.timezone).astimezone(UTC)
+
     def next_after(self, after: datetime) -> datetime:
         """The first fire time strictly after the instant ``after``."""
+        return min(self._next_after(expression, after) for expression in self.expressions)
+
+    def _next_after(self, expression: str, after: datetime) -> datetime:
+        after_wall = _wall(after, self.timezone)
+        # Fast path: with one UTC offset around the answer, wall time maps to real time 1:1.
+        candidate = self._instant(croniter(expression, after_wall).get_next(datetime))
+        if self._fixed_offset(after - _MAX_DST_SHIFT, candidate + _MAX_DST_SHIFT):
+            return candidate
         # Around a fall-back change, wall-time order is not real-time order, so every wall time
         # within the DST shift of the first match is considered before choosing the earliest.
-        after_wall = _wall(after, self.timezone)
         best: datetime | None = None
-        for expression in self.expressions:
-            for wall, instants in self._walk(expression, after_wall - _MAX_DST_SHIFT, forward=True):
-                later = [t for t in instants if t > after]
-                if later and (best is None or min(later) < best):
-                    best = min(later)
-                if best is not None and wall > _wall(best, self.timezone) + _MAX_DST_SHIFT:
-                    break
+        for wall, instants in self._walk(expression, after_wall - _MAX_DST_SHIFT, forward=True):
+            later = [t for t in instants if t > after]
+            if later and (best is None or min(later) < best):
+                best = min(later)
+            if best is not None and wall > _wall(best, self.timezone) + _MAX_DST_SHIFT:
+                break
         assert best is not None  # a valid cron expression always fires again
         return best
 
@@ -97,18 +118,31 @@ class CronSchedule:
 
         After downtime this is the one firing to catch up with: never a burst of missed runs.
         """
+        due = [
+            found
+            for expression in self.expressions
+            if (found := self._latest_due(expression, after, now)) is not None
+        ]
+        return max(due, default=None)
+
+    def _latest_due(self, expression: str, after: datetime, now: datetime) -> datetime | None:
         now_wall = _wall(now, self.timezone)
+        # Fast path: the latest match at or before now (croniter's get_prev is strictly before
+        # its start, so start one minute past now's minute), valid with one UTC offset around.
+        start = now_wall.replace(second=0, microsecond=0) + _MINUTE
+        candidate = self._instant(croniter(expression, start).get_prev(datetime))
+        if self._fixed_offset(min(candidate, after) - _MAX_DST_SHIFT, now + _MAX_DST_SHIFT):
+            return candidate if after < candidate <= now else None
         latest: datetime | None = None
-        for expression in self.expressions:
-            for wall, instants in self._walk(expression, now_wall + _MAX_DST_SHIFT, forward=False):
-                due = [t for t in instants if after < t <= now]
-                if due and (latest is None or max(due) > latest):
-                    latest = max(due)
-                if (
-                    wall < now_wall - 2 * _MAX_DST_SHIFT
-                    or wall < _wall(after, self.timezone) - _MAX_DST_SHIFT
-                ):
-                    break
+        for wall, instants in self._walk(expression, now_wall + _MAX_DST_SHIFT, forward=False):
+            due = [t for t in instants if after < t <= now]
+            if due and (latest is None or max(due) > latest):
+                latest = max(due)
+            if (
+                wall < now_wall - 2 * _MAX_DST_SHIFT
+                or wall < _wall(after, self.timezone) - _MAX_DST_SHIFT
+            ):
+                break
         return latest
 
     def fire_times(self, after: datetime, until: datetime) -> list[datetime]:

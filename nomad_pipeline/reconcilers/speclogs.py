@@ -67,6 +67,8 @@ class LogCopier:
         self._drain_quiet = drain_quiet
         self._drain_max = drain_max
         self._copies: dict[tuple[str, str, str, str], _Copy] = {}
+        # Tasks telling the log store a step's logs are complete (owned, awaited on close).
+        self._marking: set[asyncio.Task[None]] = set()
         self.requests = 0
 
     def __len__(self) -> int:
@@ -103,6 +105,7 @@ class LogCopier:
 
     async def close(self) -> None:
         tasks = [task for copy in self._copies.values() for task in copy.tasks]
+        tasks.extend(self._marking)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -120,6 +123,8 @@ class LogCopier:
                 self._logs.mark_step_finished(source.namespace, source.run, source.step),
                 name=f"logs-finished-{source.run}-{source.step}",
             )
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
             task.add_done_callback(_log_failure)
 
     async def _copy(self, copy: _Copy, stream: Stream) -> None:

@@ -168,3 +168,25 @@ async def test_dev_stack_keeps_objects_across_restarts(tmp_path: Path) -> None:
         assert flow["spec"]["inline"]["steps"][0]["run"] == "echo hello"
     finally:
         await stack.stop()
+
+
+async def test_readyz_answers_503_until_ready(tmp_path: Path) -> None:
+    from nomad_pipeline.controller.api.app import build_api, start_api
+    from nomad_pipeline.store.memory import MemoryStore
+
+    ready = asyncio.Event()
+    store = MemoryStore()
+    server = await start_api(build_api(store, log_root=tmp_path, ready=ready))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.address + "/readyz") as response:
+                assert response.status == 503
+            async with session.get(server.address + "/healthz") as response:
+                assert response.status == 200
+            await store.start()
+            ready.set()
+            async with session.get(server.address + "/readyz") as response:
+                assert response.status == 200
+    finally:
+        await server.stop()
+        await store.close()

@@ -253,3 +253,43 @@ async def test_evaluate_with_force_reschedule_replaces_a_final_failure(tmp_path:
         with pytest.raises(NomadHTTPError) as caught:
             await engine.evaluate_job("default", "unknown")
         assert (caught.value.status, caught.value.text) == (404, "job not found")
+
+
+async def test_periodic_job_launches_children_at_cron_times(tmp_path: Path) -> None:
+    spec = batch_job("tick", "exit 0")
+    spec["Periodic"] = {"Spec": "* * * * * *", "ProhibitOverlap": True}  # every second
+    async with running_engine(tmp_path) as engine:
+        reply = await engine.register_job("default", spec)
+        assert reply["EvalID"] == ""
+        parent = job(engine, "tick")
+        assert parent["Status"] == "running"
+        assert parent["Periodic"]["SpecType"] == "cron" and parent["Periodic"]["Enabled"]
+        child = await wait_until(
+            engine,
+            lambda: next(
+                (
+                    j
+                    for j in engine.state.rows("jobs")
+                    if j.get("ParentID") == "tick" and j["Status"] == "dead"
+                ),
+                None,
+            ),
+            timeout=10,
+        )
+        prefix, _, unix = child["ID"].partition("/periodic-")
+        assert prefix == "tick" and unix.isdigit()
+        assert child["Periodic"] is None and child["Name"] == child["ID"]
+        [evaluation] = engine.job_evaluations("default", child["ID"])
+        assert evaluation["TriggeredBy"] == "periodic-job"
+        [alloc] = allocs(engine, child["ID"])
+        assert alloc["ClientStatus"] == "complete"
+        await engine.deregister_job("default", "tick", purge=False)
+        assert job(engine, "tick")["Status"] == "dead"
+
+
+async def test_invalid_periodic_spec_is_rejected(tmp_path: Path) -> None:
+    spec = batch_job("badcron")
+    spec["Periodic"] = {"Spec": "not a cron"}
+    async with running_engine(tmp_path) as engine:
+        with pytest.raises(NomadHTTPError, match="Invalid cron spec 'not a cron'"):
+            await engine.register_job("default", spec)

@@ -1,23 +1,25 @@
 """An OpenAPI 3.1 document of this API, generated from the live route table and the models.
 
 Paths and methods come from the application's router (so routes added by other modules appear
-too), summaries from the handlers' docstrings, and component schemas from the pydantic models of
-every kind (OpenAPI 3.1 schemas are JSON Schema, which pydantic emits).
+too), summaries from the handlers' docstrings, and component schemas from
+``resources.schema.json_schemas()`` (the schemas ``nomad-pipeline schema`` prints; OpenAPI 3.1
+schemas are JSON Schema), their ``$defs`` hoisted into ``components.schemas``.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from typing import Any
 
 from aiohttp import web
-from pydantic.json_schema import models_json_schema
 
 from nomad_pipeline.resources.registry import KINDS
+from nomad_pipeline.resources.schema import json_schemas
 
 _PATH_PARAMETER = re.compile(r"{(\w+)(?::[^}]*)?}")
-_COMPONENT_REF = "#/components/schemas/{model}"
+_COMPONENT_PREFIX = "#/components/schemas/"
 
 # Query parameters by path prefix; everything else is described by the path and the body.
 _NATIVE_LIST_QUERY = [
@@ -29,12 +31,17 @@ _SEED_QUERY = [("namespace", "The namespace (default `default`; `*` lists every 
 
 
 def _kind_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Component schemas of every kind and of the models they use; refs of each kind."""
-    refs, definitions = models_json_schema(
-        [(kind, "validation") for kind in KINDS.values()], ref_template=_COMPONENT_REF
-    )
-    by_kind = {kind.KIND: refs[(kind, "validation")] for kind in KINDS.values()}
-    return definitions.get("$defs", {}), by_kind
+    """Component schemas of every kind and of the models they use; a ref to each kind."""
+    # Each kind's schema is a standalone document whose refs point at its own "$defs"; in the
+    # OpenAPI document they all live under components.schemas.
+    text = json.dumps(json_schemas()).replace('"#/$defs/', f'"{_COMPONENT_PREFIX}')
+    components: dict[str, Any] = {}
+    for name, schema in json.loads(text).items():
+        components.update(schema.pop("$defs", {}))
+        schema.pop("$schema", None)
+        components[name] = schema
+    refs = {name: {"$ref": f"{_COMPONENT_PREFIX}{name}"} for name in KINDS}
+    return components, refs
 
 
 def _query(name: str, description: str) -> dict[str, Any]:
