@@ -10,6 +10,7 @@ run. After downtime at most one missed firing is made up (within ``starting_dead
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,12 @@ TRIGGER_KIND = "Trigger"
 MISSING_FLOW_RETRY = 30.0
 # Runs a cancel-before-replace retries against concurrent status writes.
 _WRITE_ATTEMPTS = 10
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule(schedules: tuple[str, ...], timezone: str) -> CronSchedule:
+    """Parsed schedules, shared: parsing validates with croniter, which is slow per reconcile."""
+    return CronSchedule.parse(schedules, timezone)
 
 
 def trigger_run_labels(trigger: Trigger) -> dict[str, str]:
@@ -140,33 +147,35 @@ class TriggerReconciler:
     async def _reconcile_cron(self, trigger: Trigger, now: datetime) -> Result:
         cron = trigger.spec.source.cron
         assert cron is not None
-        schedule = CronSchedule.parse(cron.schedules, cron.timezone)
-        status = trigger.status
-        if status.pending_fire_time is not None:
+        schedule = _schedule(tuple(cron.schedules), cron.timezone)
+        if trigger.status.pending_fire_time is not None:
             # Recorded but maybe not created (a crash in between): finish that firing first.
-            trigger = await self._fire(trigger, status.pending_fire_time, now)
-            status = trigger.status
+            finished = await self._fire(trigger, trigger.status.pending_fire_time)
+            trigger = await self._write_status(trigger, **finished)
+        status = trigger.status
         since = status.last_fire_time or trigger.metadata.creation_timestamp or now
         due = schedule.latest_due(since, now)
         deadline = parse_duration(cron.starting_deadline) if cron.starting_deadline else None
+        # Status changes written with the next fire time, in one write.
+        changes: dict[str, Any] = {}
         if due is not None and deadline is not None and now - due > deadline:
             logger.info(
                 "missed firing is past its starting deadline",
                 extra={"trigger": trigger.metadata.name, "scheduled": due.isoformat()},
             )
-            trigger = await self._write_status(
-                trigger,
-                last_fire_time=due,
-                message=f"missed the firing at {due.isoformat()}: past the starting deadline",
-            )
+            changes = {
+                "last_fire_time": due,
+                "message": f"missed the firing at {due.isoformat()}: past the starting deadline",
+            }
             due = None
         if due is not None:
             # Record first (CAS: only one controller wins), then create.
             trigger = await self._write_status(trigger, pending_fire_time=due, last_fire_time=due)
-            trigger = await self._fire(trigger, due, now)
+            changes = await self._fire(trigger, due)
         next_fire = schedule.next_after(now)
         await self._write_status(
             trigger,
+            **changes,
             next_fire_time=next_fire,
             conditions=_with_ready(
                 trigger.status,
@@ -181,26 +190,26 @@ class TriggerReconciler:
         )
         return Result(requeue_after=max((next_fire - self._clock()).total_seconds(), 0.0))
 
-    async def _fire(self, trigger: Trigger, scheduled: datetime, now: datetime) -> Trigger:
-        """Start the run of a recorded firing, honouring the concurrency policy; clears it."""
+    async def _fire(self, trigger: Trigger, scheduled: datetime) -> dict[str, Any]:
+        """Start the run of a recorded firing, honouring the concurrency policy; returns the
+        status changes that clear it (for the caller to write)."""
         cron = trigger.spec.source.cron
         assert cron is not None
-        active = await self._active_runs(trigger)
+        # Only forbid and replace look at active runs; listing them costs a scan of the runs.
+        active = [] if cron.concurrency_policy == "allow" else await self._active_runs(trigger)
         if cron.concurrency_policy == "forbid" and active:
             message = (
                 f"skipped the firing at {scheduled.isoformat()}: run {active[0].metadata.name} "
                 "is still active (concurrency_policy forbid)"
             )
-            return await self._write_status(trigger, pending_fire_time=None, message=message)
+            return {"pending_fire_time": None, "message": message}
         if cron.concurrency_policy == "replace":
             for run in active:
                 await self._cancel(run)
         run_trigger = RunTrigger(type="cron", name=trigger.metadata.name, schedule_time=scheduled)
         seed = f"{trigger.metadata.uid}/cron/{scheduled.isoformat()}"
         run_name, message = await self._start_run(trigger, run_trigger, seed, scheduled, {})
-        return await self._write_status(
-            trigger, pending_fire_time=None, last_run=run_name, message=message
-        )
+        return {"pending_fire_time": None, "last_run": run_name, "message": message}
 
     async def _active_runs(self, trigger: Trigger) -> list[Run]:
         runs = await self._store.list(

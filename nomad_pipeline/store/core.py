@@ -176,7 +176,7 @@ def with_version(obj: R, resource_version: int) -> R:
     return obj.model_copy(update={"metadata": metadata})
 
 
-class StaleCache(Exception):  # noqa: N818 (a control-flow signal between the base and backends)
+class StaleCache(Exception):
     """The backend refused a write because the cached base was stale; the cache is refreshed."""
 
 

@@ -34,7 +34,9 @@ NATIVE_RUNS = "/apis/nomad-pipeline.io/v1/namespaces/{namespace}/runs/{name}"
 
 
 def setup(app: web.Application) -> None:
-    """Add the log routes (``build_api(extra_routes=[logs.setup])``)."""
+    """Add the log routes (``build_api(extra_routes=[logs.setup])``); without a provided log
+    store, one over ``LOG_ROOT`` is made now (an app's state is frozen once it serves)."""
+    ensure_log_store(app)
     app.router.add_get("/v1/runs/{name}/logs", seed_logs)
     app.router.add_get(f"{NATIVE_RUNS}/logs", native_logs)
 
@@ -50,13 +52,15 @@ def provide_log_store(log_store: LogStore) -> Callable[[web.Application], None]:
     return install
 
 
+def ensure_log_store(app: web.Application) -> None:
+    """Install a log store over ``LOG_ROOT`` unless one was provided (at build time)."""
+    if LOG_STORE not in app:
+        app[LOG_STORE] = LogStore(app[LOG_ROOT])
+
+
 def log_store_of(app: web.Application) -> LogStore:
-    """The API's log store: the one provided, else one over ``LOG_ROOT`` made on first use."""
-    log_store = app.get(LOG_STORE)
-    if log_store is None:
-        log_store = LogStore(app[LOG_ROOT])
-        app[LOG_STORE] = log_store
-    return log_store
+    """The API's log store (see :func:`setup`)."""
+    return app[LOG_STORE]
 
 
 async def seed_logs(request: web.Request) -> web.StreamResponse:

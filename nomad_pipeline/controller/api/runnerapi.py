@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from nomad_pipeline.controller.api import BACKGROUND, LOG_ROOT, STORE
 from nomad_pipeline.controller.api.errors import read_json_object
-from nomad_pipeline.controller.api.logs import log_store_of
+from nomad_pipeline.controller.api.logs import ensure_log_store, log_store_of
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.runnertoken import load_or_create_secret, token_matches
 from nomad_pipeline.errors import Conflict, Invalid, Unauthorized
@@ -59,6 +59,7 @@ def setup(app: web.Application) -> None:
     if RUNNER_SECRET not in app:
         app[RUNNER_SECRET] = load_or_create_secret(app[LOG_ROOT].parent)
     app[_REPORT_LOCKS] = weakref.WeakValueDictionary()
+    ensure_log_store(app)
     app.router.add_get(f"{RUNNER_API_PREFIX}/{{namespace}}/{{run}}", get_plan)
     app.router.add_post(f"{RUNNER_API_PREFIX}/{{namespace}}/{{run}}/report", post_report)
 
