@@ -128,6 +128,9 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
     trace.on_request_start.append(count)
     async with (
         aiohttp.ClientSession(trace_configs=[trace]) as traced,
+        aiohttp.ClientSession(
+            trace_configs=[trace], connector=aiohttp.TCPConnector(limit=0)
+        ) as traced_logs,
         NomadClient(nomad_address) as store_nomad,
         NomadClient(nomad_address, session=traced) as nomad,
     ):
@@ -139,7 +142,7 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
             nomad,
             log_root=scratch / "logs",
             settings=RunSettings(controller_address=lambda: None, runner_secret=os.urandom(32)),
-            workers=32,
+            log_session=traced_logs,
         )
         manager = Manager(built.runnables)
         running = asyncio.create_task(manager.run(), name="bench-manager")

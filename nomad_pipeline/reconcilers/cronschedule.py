@@ -15,7 +15,7 @@ Daylight-saving rules (the ones Vixie cron and most schedulers follow):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -54,6 +54,10 @@ def _instants_of(wall: datetime, tz: ZoneInfo, *, every_hour: bool) -> list[date
 class CronSchedule:
     expressions: tuple[str, ...]
     timezone: ZoneInfo
+    # One croniter per expression for the fast paths, moved to each start: building one
+    # re-parses the expression, the largest cost of a reconcile of an every-minute schedule.
+    # Used without awaiting in between, so concurrent reconciles never interleave on one.
+    _cursors: dict[str, croniter] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def parse(cls, expressions: Sequence[str], timezone: str = "UTC") -> CronSchedule:
@@ -88,6 +92,14 @@ class CronSchedule:
             start.astimezone(self.timezone).utcoffset() == end.astimezone(self.timezone).utcoffset()
         )
 
+    def _cursor(self, expression: str, start: datetime) -> croniter:
+        cursor = self._cursors.get(expression)
+        if cursor is None:
+            cursor = self._cursors[expression] = croniter(expression, start)
+        else:
+            cursor.set_current(start, force=True)
+        return cursor
+
     def _instant(self, wall: datetime) -> datetime:
         return wall.replace(tzinfo=self.timezone).astimezone(UTC)
 
@@ -98,7 +110,7 @@ class CronSchedule:
     def _next_after(self, expression: str, after: datetime) -> datetime:
         after_wall = _wall(after, self.timezone)
         # Fast path: with one UTC offset around the answer, wall time maps to real time 1:1.
-        candidate = self._instant(croniter(expression, after_wall).get_next(datetime))
+        candidate = self._instant(self._cursor(expression, after_wall).get_next(datetime))
         if self._fixed_offset(after - _MAX_DST_SHIFT, candidate + _MAX_DST_SHIFT):
             return candidate
         # Around a fall-back change, wall-time order is not real-time order, so every wall time
@@ -130,7 +142,7 @@ class CronSchedule:
         # Fast path: the latest match at or before now (croniter's get_prev is strictly before
         # its start, so start one minute past now's minute), valid with one UTC offset around.
         start = now_wall.replace(second=0, microsecond=0) + _MINUTE
-        candidate = self._instant(croniter(expression, start).get_prev(datetime))
+        candidate = self._instant(self._cursor(expression, start).get_prev(datetime))
         if self._fixed_offset(min(candidate, after) - _MAX_DST_SHIFT, now + _MAX_DST_SHIFT):
             return candidate if after < candidate <= now else None
         latest: datetime | None = None

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import aiohttp
+
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import watch_store
 from nomad_pipeline.controller.runnertoken import load_or_create_secret
@@ -36,10 +38,12 @@ RUN_WORKERS = 16
 
 
 class _LogCopierOwner:
-    """Keeps the log copier for the manager's lifetime and closes it on stop."""
+    """Keeps the log copier (and its HTTP session) for the manager's lifetime; closes them on
+    stop."""
 
-    def __init__(self, copier: LogCopier) -> None:
+    def __init__(self, copier: LogCopier, session: aiohttp.ClientSession | None) -> None:
         self._copier = copier
+        self._session = session
 
     @property
     def name(self) -> str:
@@ -50,6 +54,8 @@ class _LogCopierOwner:
             await asyncio.Event().wait()
         finally:
             await self._copier.close()
+            if self._session is not None:
+                await self._session.close()
 
 
 @dataclass(slots=True)
@@ -62,11 +68,13 @@ class RunController:
     cache: JobCache
     events: NomadEventSource
     copier: LogCopier
+    # The log streams' own HTTP session, closed with the copier.
+    log_session: aiohttp.ClientSession | None = None
 
     @property
     def runnables(self) -> list[Runnable]:
         return [
-            _LogCopierOwner(self.copier),
+            _LogCopierOwner(self.copier, self.log_session),
             self.controller,
             self.events,
             watch_store(
@@ -78,6 +86,9 @@ class RunController:
 class _ControllerConfig(Protocol):
     @property
     def data_dir(self) -> Path: ...
+
+    @property
+    def nomad_token(self) -> str | None: ...
 
 
 class RunControllerContext(Protocol):
@@ -115,8 +126,12 @@ def build_run_controller(
     *,
     log_root: Path,
     settings: RunSettings,
+    nomad_token: str | None = None,
+    log_session: aiohttp.ClientSession | None = None,
     workers: int = RUN_WORKERS,
 ) -> RunController:
+    """The run controller's parts; call inside the running event loop (it opens a session for
+    log streams unless given ``log_session``, which the caller then closes)."""
     logs = LogStore(log_root)
     controllers: list[Controller] = []
 
@@ -127,7 +142,14 @@ def build_run_controller(
         enqueue(Request(RUN_KIND, owner[0], owner[1]))
 
     cache = JobCache(wake)
-    copier = LogCopier(nomad, logs)
+    # Followed log streams stay open for as long as their steps run: on the client's pooled
+    # session they would take every connection (aiohttp's pool holds 100) and make registers
+    # wait behind them, so they get a session of their own without a connection limit.
+    owned_session = None
+    if log_session is None:
+        owned_session = log_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    log_nomad = NomadClient(nomad.address, nomad_token, session=log_session)
+    copier = LogCopier(log_nomad, logs)
     reconciler = RunReconciler(
         store,
         nomad,
@@ -140,7 +162,7 @@ def build_run_controller(
     controller = Controller("runs", reconciler, workers=workers)
     controllers.append(controller)
     events = NomadEventSource(nomad, cache, wake)
-    return RunController(store, reconciler, controller, cache, events, copier)
+    return RunController(store, reconciler, controller, cache, events, copier, owned_session)
 
 
 def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
@@ -154,6 +176,10 @@ def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
         runner_secret=load_or_create_secret(context.config.data_dir),
     )
     built = build_run_controller(
-        context.store, context.nomad, log_root=context.log_root, settings=settings
+        context.store,
+        context.nomad,
+        log_root=context.log_root,
+        settings=settings,
+        nomad_token=context.config.nomad_token,
     )
     return built.runnables

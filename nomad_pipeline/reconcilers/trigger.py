@@ -147,6 +147,16 @@ class TriggerReconciler:
     async def _reconcile_cron(self, trigger: Trigger, now: datetime) -> Result:
         cron = trigger.spec.source.cron
         assert cron is not None
+        status = trigger.status
+        if (
+            status.pending_fire_time is None
+            and status.next_fire_time is not None
+            and now < status.next_fire_time
+            and status.observed_generation == trigger.metadata.generation
+        ):
+            # Woken before the next firing (by our own status write, most often): the last
+            # reconcile of this spec computed that nothing is due until then.
+            return Result(requeue_after=(status.next_fire_time - now).total_seconds())
         schedule = _schedule(tuple(cron.schedules), cron.timezone)
         if trigger.status.pending_fire_time is not None:
             # Recorded but maybe not created (a crash in between): finish that firing first.

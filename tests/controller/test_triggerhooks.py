@@ -296,3 +296,30 @@ async def test_a_secret_from_a_nomad_variable(
                 assert await hooks.runs("missing-var") == []
     finally:
         await agent.stop()
+
+
+async def test_a_generic_delivery_signed_in_a_configured_header(hooks: Hooks) -> None:
+    await hooks.add_trigger(
+        "generic",
+        provider="generic",
+        signature_header="X-My-Signature",
+        variables={"git_sha": "$.head.sha", "git_commit_message": "head.commits[0].msg"},
+    )
+    body = json.dumps({"head": {"sha": "abc123", "commits": [{"msg": "deploy it"}]}}).encode()
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+    status, answer = await hooks.post(
+        "generic", body, {"X-My-Signature": f"sha256={digest}", "X-Delivery-ID": "g-1"}
+    )
+    assert status == 201, answer
+    replay_status, replay = await hooks.post(
+        "generic", body, {"X-My-Signature": digest, "X-Delivery-ID": "g-1"}
+    )
+    assert (replay_status, replay) == (200, answer)
+    wrong_header, _ = await hooks.post("generic", body, {"X-Signature-256": digest})
+    assert wrong_header == 401
+
+    (run,) = await hooks.runs("generic")
+    assert run.spec.variables["trigger.git_sha"] == "abc123"
+    assert run.spec.variables["trigger.git_commit_message"] == "deploy it"
+    assert run.spec.trigger.delivery_id == "g-1"

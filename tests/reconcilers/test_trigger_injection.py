@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from run_harness import Stack
 from test_run_injection import HCL_JOBSPEC
 
-from nomad_pipeline.resources.kinds import Trigger
+from nomad_pipeline.resources.kinds import Run, Trigger
 
 SECRET = "injection-test-secret"
 # The runs issue's jobspec, printing the trigger's environment variable and its argument.
@@ -83,6 +84,12 @@ def log_of(stack: Stack, run_id: str, step: str) -> Path:
     return stack.data_dir / "logs" / "runs" / "default" / run_id / step / "logs" / "stdout.log"
 
 
+def log_holds(log: Path, text: str) -> Callable[[Run], bool]:
+    """A wait condition: the step's log file holds exactly ``text`` (logs arrive after the run
+    ends)."""
+    return lambda _run: log.exists() and log.read_text() == text
+
+
 @pytest.fixture
 def secret_env(monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"NP_TEST_HOOK_{uuid.uuid4().hex[:8].upper()}"
@@ -116,7 +123,7 @@ async def test_a_hostile_commit_message_reaches_an_inline_flow_as_data(
             log = log_of(stack, run_id, step)
             await stack.wait_run(
                 run_id,
-                until=lambda _r, log=log, text=text: log.exists() and log.read_text() == text,
+                until=log_holds(log, text),
             )
     assert not marker.exists()
 
@@ -150,6 +157,6 @@ async def test_a_hostile_commit_message_reaches_a_specification_flow_as_data(
         expected = f"env={message}\narg={message}\n"
         await stack.wait_run(
             run_id,
-            until=lambda _r, log=log, text=expected: log.exists() and log.read_text() == text,
+            until=log_holds(log, expected),
         )
     assert not marker.exists()

@@ -88,6 +88,7 @@ async def _record_delivery(store: Store, trigger: Trigger, delivery_id: str, run
 
 
 async def receive(request: web.Request) -> web.Response:
+    """Receive a webhook delivery for a trigger: start a run, or say why it was ignored."""
     namespace = await namespace_scope(request, allow_all=False)
     assert namespace is not None
     store = request.app[STORE]
