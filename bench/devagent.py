@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -98,6 +98,24 @@ class EventStream:
                 for event in line["Events"]:
                     self.queue.put_nowait((arrived, event))
 
+    @contextlib.asynccontextmanager
+    async def reading(self, name: str) -> AsyncIterator[None]:
+        """Reads in a task named ``name`` while the block runs, from once the stream is open."""
+        async with asyncio.TaskGroup() as group:
+            reader = group.create_task(self.run(), name=name)
+            await self.connected.wait()
+            yield
+            reader.cancel()
+
+    async def next_matching(
+        self, wanted: Callable[[dict[str, Any]], bool]
+    ) -> tuple[int, dict[str, Any]]:
+        """The next event ``wanted`` accepts, with its arrival time; the ones before are dropped."""
+        while True:
+            arrived, event = await self.queue.get()
+            if wanted(event):
+                return arrived, event
+
 
 def job(job_id: str, script: str, count: int = 1) -> dict[str, Any]:
     return {
@@ -123,26 +141,34 @@ def job(job_id: str, script: str, count: int = 1) -> dict[str, Any]:
     }
 
 
+def _allocation_running(job_id: str) -> Callable[[dict[str, Any]], bool]:
+    def wanted(event: dict[str, Any]) -> bool:
+        allocation = event["Payload"]["Allocation"]
+        return bool(allocation["JobID"] == job_id and allocation["ClientStatus"] == "running")
+
+    return wanted
+
+
+def _variable_written(path: str) -> Callable[[dict[str, Any]], bool]:
+    def wanted(event: dict[str, Any]) -> bool:
+        return bool(event["Key"] == path)
+
+    return wanted
+
+
 async def bench_register_to_running(
     session: aiohttp.ClientSession, address: str, samples: int
 ) -> list[float]:
     stream = EventStream(session, address, ["Allocation"])
-    async with asyncio.TaskGroup() as group:
-        reader = group.create_task(stream.run(), name="bench-register-events")
-        await stream.connected.wait()
-        latencies: list[float] = []
+    latencies: list[float] = []
+    async with stream.reading("bench-register-events"):
         for n in range(samples):
             job_id = f"latency-{n}"
             started = time.time_ns()
             async with session.put(f"{address}/v1/jobs", json={"Job": job(job_id, "sleep 0.2")}):
                 pass
-            while True:
-                arrived, event = await stream.queue.get()
-                allocation = event["Payload"]["Allocation"]
-                if allocation["JobID"] == job_id and allocation["ClientStatus"] == "running":
-                    latencies.append((arrived - started) / 1e6)
-                    break
-        reader.cancel()
+            arrived, _ = await stream.next_matching(_allocation_running(job_id))
+            latencies.append((arrived - started) / 1e6)
     return latencies
 
 
@@ -150,21 +176,15 @@ async def bench_event_delivery(
     session: aiohttp.ClientSession, address: str, samples: int
 ) -> list[float]:
     stream = EventStream(session, address, ["Variable"])
-    async with asyncio.TaskGroup() as group:
-        reader = group.create_task(stream.run(), name="bench-variable-events")
-        await stream.connected.wait()
-        latencies: list[float] = []
+    latencies: list[float] = []
+    async with stream.reading("bench-variable-events"):
         for n in range(samples):
             path = f"bench/event/{n}"
             async with session.put(f"{address}/v1/var/{path}", json={"Items": {"n": str(n)}}):
                 pass
-            while True:
-                arrived, event = await stream.queue.get()
-                if event["Key"] == path:
-                    committed = event["Payload"]["Variable"]["ModifyTime"]
-                    latencies.append((arrived - committed) / 1e6)
-                    break
-        reader.cancel()
+            arrived, event = await stream.next_matching(_variable_written(path))
+            committed = event["Payload"]["Variable"]["ModifyTime"]
+            latencies.append((arrived - committed) / 1e6)
     return latencies
 
 
@@ -200,9 +220,7 @@ async def bench_concurrency(
     running: set[str] = set()
     finished: dict[str, str] = {}
     peak = 0
-    async with asyncio.TaskGroup() as group:
-        reader = group.create_task(stream.run(), name="bench-concurrency-events")
-        await stream.connected.wait()
+    async with stream.reading("bench-concurrency-events"):
         started = time.monotonic()
         async with session.put(
             f"{address}/v1/jobs", json={"Job": job("concurrent", "sleep 3", count)}
@@ -220,7 +238,6 @@ async def bench_concurrency(
                 finished[allocation["ID"]] = status
             peak = max(peak, len(running))
         elapsed = time.monotonic() - started
-        reader.cancel()
     outcomes: dict[str, int] = {}
     for status in finished.values():
         outcomes[status] = outcomes.get(status, 0) + 1

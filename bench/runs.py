@@ -8,6 +8,8 @@ store, run controller) runs in this process so its CPU time and counters can be 
   p50/p99, both on the dev agent's clock;
 - wall time from the first run created to the last run finished;
 - controller CPU seconds per step (this process's CPU time over the runs);
+- log line latency: a step prints timestamps, followers of the log store (what ``logs -f``
+  streams from) note when each line arrives;
 - store writes per step (run status writes) and Nomad requests per step (every HTTP request the
   run controller sent to Nomad: registers, reads, log streams; the store's own requests are not
   counted, they are the store writes).
@@ -32,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
+from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import Manager
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.reconcilers.run import RunSettings
@@ -180,6 +183,7 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         writes = built.reconciler.stats.status_writes - writes_before
         nomad_requests = requests - requests_before
         overheads = await transition_overheads(nomad, finished)
+        log_latencies = await measure_log_latency(store, built.logs, min(runs, 20))
         manager.stop()
         await running
         await store.close()
@@ -197,6 +201,11 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         f"({len(overheads)} transitions)"
     )
     print(f"controller CPU per step: {cpu / total_steps * 1000:.2f} ms ({cpu:.2f} s total)")
+    print(
+        "log line latency (printed by a step -> handed to a follower of the log store): "
+        f"p50 {percentile(log_latencies, 0.5) * 1000:.1f} ms, "
+        f"p99 {percentile(log_latencies, 0.99) * 1000:.1f} ms ({len(log_latencies)} lines)"
+    )
     print(f"store writes per step: {writes / total_steps:.2f} ({writes} total)")
     print(f"Nomad requests per step: {nomad_requests / total_steps:.2f} ({nomad_requests} total)")
     stats = built.reconciler.stats
@@ -204,6 +213,50 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         f"reconciles: {stats.reconciles}, failed reconciles (retried): "
         f"{built.controller.errors}, registrations: {stats.registrations}"
     )
+
+
+LOG_LINES = 5
+# Each line is the wall-clock time it was printed at.
+TIMESTAMP_SCRIPT = f"for i in $(seq {LOG_LINES}); do date +%s.%N; sleep 0.2; done"
+
+
+async def measure_log_latency(store: Store, logs: LogStore, runs: int) -> list[float]:
+    """Runs a step printing timestamps while followers of its log measure arrival times."""
+    job = step_job()
+    job["TaskGroups"][0]["Tasks"][0]["Config"] = {
+        "command": "/bin/sh",
+        "args": ["-c", TIMESTAMP_SCRIPT],
+    }
+    flow = Flow(
+        metadata=ObjectMeta(name="bench-logs"),
+        spec={"specification": {"steps": [{"name": "talk", "job": {"json": job}}]}},
+    )
+    await store.create(flow)
+    names = [new_ulid() for _ in range(runs)]
+
+    async def follow(name: str) -> list[float]:
+        latencies: list[float] = []
+        buffer = b""
+        async for chunk in logs.follow("default", name, "talk", "stdout", until=lambda: False):
+            arrived = time.time()
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            latencies.extend(arrived - float(line) for line in lines if line.strip())
+            if len(latencies) >= LOG_LINES:
+                break
+        return latencies
+
+    followers = [asyncio.create_task(follow(name), name=f"bench-follow-{name}") for name in names]
+    for name in names:
+        await store.create(
+            Run(
+                metadata=ObjectMeta(name=name), spec=RunSpec(flow="bench-logs", flow_spec=flow.spec)
+            )
+        )
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*followers)
+    await wait_finished(store, names)
+    return [latency for result in results for latency in result]
 
 
 async def wait_finished(store: Store, names: list[str]) -> list[Run]:

@@ -146,12 +146,26 @@ class Column:
     wide_only: bool = False
 
 
-def _name(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "metadata", "name"))
+def _text_at(*path: str) -> Cell:
+    """A cell showing the value at ``path`` in the object as text ("" where it is absent)."""
+
+    def cell(obj: Mapping[str, Any], _now: datetime) -> str:
+        return _text(dig(obj, *path))
+
+    return cell
 
 
-def _namespace(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "metadata", "namespace"))
+def _relative_at(*path: str) -> Cell:
+    """A cell showing the timestamp at ``path`` relative to now ("in 5m", "3m ago")."""
+
+    def cell(obj: Mapping[str, Any], now: datetime) -> str:
+        return format_relative(dig(obj, *path), now)
+
+    return cell
+
+
+_name = _text_at("metadata", "name")
+_namespace = _text_at("metadata", "namespace")
 
 
 def _age(obj: Mapping[str, Any], now: datetime) -> str:
@@ -203,8 +217,7 @@ def run_steps(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return []
 
 
-def _run_flow(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "spec", "flow"))
+_run_flow = _text_at("spec", "flow")
 
 
 def _run_phase(obj: Mapping[str, Any], _now: datetime) -> str:
@@ -274,20 +287,10 @@ def _trigger_suspend(obj: Mapping[str, Any], _now: datetime) -> str:
     return _text(bool(dig(obj, "spec", "suspend")))
 
 
-def _trigger_next_fire(obj: Mapping[str, Any], now: datetime) -> str:
-    return format_relative(dig(obj, "status", "next_fire_time"), now)
-
-
-def _trigger_last_fire(obj: Mapping[str, Any], now: datetime) -> str:
-    return format_relative(dig(obj, "status", "last_fire_time"), now)
-
-
-def _namespace_description(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "spec", "description"))
-
-
-def _repo_url(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "spec", "url"))
+_trigger_next_fire = _relative_at("status", "next_fire_time")
+_trigger_last_fire = _relative_at("status", "last_fire_time")
+_namespace_description = _text_at("spec", "description")
+_repo_url = _text_at("spec", "url")
 
 
 def _repo_ready(obj: Mapping[str, Any], _now: datetime) -> str:
@@ -308,8 +311,7 @@ def _repo_ref(obj: Mapping[str, Any], _now: datetime) -> str:
     return ",".join(f"{key}={value}" for key, value in ref.items() if value) or NONE
 
 
-def _repo_path(obj: Mapping[str, Any], _now: datetime) -> str:
-    return _text(dig(obj, "spec", "path"))
+_repo_path = _text_at("spec", "path")
 
 
 def _repo_suspend(obj: Mapping[str, Any], _now: datetime) -> str:

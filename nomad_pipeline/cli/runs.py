@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,20 +36,23 @@ def parse_variables(pairs: Sequence[str]) -> dict[str, str]:
 async def run_command(ctx: Context, args: argparse.Namespace) -> int:
     async with ctx.api() as api:
         run_id = await api.start_run(ctx.namespace, args.flow, parse_variables(args.var))
-        ctx.out(run_id)
-        if not (args.wait or args.follow):
-            return 0
-        phase = await follow_run(ctx, api, ctx.namespace, run_id, logs=args.follow)
-    return 0 if phase == "success" else 1
+        return await _report_started(ctx, api, args, run_id)
 
 
 async def rerun_command(ctx: Context, args: argparse.Namespace) -> int:
     async with ctx.api() as api:
         run_id = await api.rerun(ctx.namespace, args.run, from_failed=args.from_failed)
-        ctx.out(run_id)
-        if not (args.wait or args.follow):
-            return 0
-        phase = await follow_run(ctx, api, ctx.namespace, run_id, logs=args.follow)
+        return await _report_started(ctx, api, args, run_id)
+
+
+async def _report_started(
+    ctx: Context, api: ApiClient, args: argparse.Namespace, run_id: str
+) -> int:
+    """Prints the new run's id; with ``--wait``/``--follow``, follows it: 0 only on success."""
+    ctx.out(run_id)
+    if not (args.wait or args.follow):
+        return 0
+    phase = await follow_run(ctx, api, ctx.namespace, run_id, logs=args.follow)
     return 0 if phase == "success" else 1
 
 
@@ -179,33 +183,21 @@ async def logs_command(ctx: Context, args: argparse.Namespace) -> int:
             steps = [args.step]
         else:
             steps = run_step_names(await api.get_object(RUNS, ctx.namespace, args.run))
-        prefix = len(steps) > 1
+        step_log = functools.partial(
+            print_step_log,
+            ctx,
+            api,
+            namespace=ctx.namespace,
+            run_id=args.run,
+            stream=stream,
+            prefix=len(steps) > 1,
+        )
         if args.follow:
             # Steps of a DAG run in parallel: follow them all at once, each line labelled.
             async with asyncio.TaskGroup() as group:
                 for step in steps:
-                    group.create_task(
-                        print_step_log(
-                            ctx,
-                            api,
-                            namespace=ctx.namespace,
-                            run_id=args.run,
-                            step=step,
-                            stream=stream,
-                            prefix=prefix,
-                        ),
-                        name=f"logs {args.run}/{step}/{stream}",
-                    )
+                    group.create_task(step_log(step=step), name=f"logs {args.run}/{step}/{stream}")
         else:
             for step in steps:
-                await print_step_log(
-                    ctx,
-                    api,
-                    namespace=ctx.namespace,
-                    run_id=args.run,
-                    step=step,
-                    stream=stream,
-                    prefix=prefix,
-                    follow=False,
-                )
+                await step_log(step=step, follow=False)
     return 0

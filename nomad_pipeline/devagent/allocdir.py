@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nomad_pipeline.devagent.scheduler import node_variables
+
 Obj = dict[str, Any]
 
 SHARED_DIRS = ("data", "logs", "tmp")
@@ -103,16 +105,7 @@ def interpolation_lookup(env: dict[str, str], meta: dict[str, str], node: Obj) -
     lookup = dict(env)
     lookup.update({f"meta.{k}": v for k, v in meta.items()})
     lookup.update({f"attr.{k}": v for k, v in (node.get("Attributes") or {}).items()})
-    lookup.update(
-        {
-            "node.unique.id": node["ID"],
-            "node.unique.name": node["Name"],
-            "node.datacenter": node["Datacenter"],
-            "node.region": node.get("Region", "global"),
-            "node.class": node.get("NodeClass") or "",
-            "node.pool": node["NodePool"],
-        }
-    )
+    lookup.update(node_variables(node))
     return lookup
 
 

@@ -463,32 +463,25 @@ class Engine:
         versions = [v for v in (self.state.get("job_versions", k) for k in keys) if v]
         return sorted(versions, key=lambda v: int(v["Version"]), reverse=True)
 
+    def _job_rows(
+        self, table: str, by_job: dict[str, set[str]], namespace: str, job_id: str
+    ) -> list[Obj]:
+        """The rows of ``table`` that the per-job index ``by_job`` lists for the job."""
+        rows = (self.state.get(table, i) for i in by_job.get(row_key(namespace, job_id), ()))
+        return [row for row in rows if row is not None]
+
     def job_allocations(
         self, namespace: str, job_id: str, *, all_instances: bool = False
     ) -> list[Obj]:
         """The job's allocations (full objects), oldest first; ``all_instances`` as ``all=true``."""
-        allocs = [
-            a
-            for a in (
-                self.state.get("allocs", i)
-                for i in self.allocs_by_job.get(row_key(namespace, job_id), ())
-            )
-            if a is not None
-        ]
+        allocs = self._job_rows("allocs", self.allocs_by_job, namespace, job_id)
         job = self.state.get("jobs", row_key(namespace, job_id))
         if job is not None and not all_instances:
             allocs = [a for a in allocs if _same_instance(a, job)]
         return sorted(allocs, key=lambda a: (a["CreateIndex"], a["ID"]))
 
     def job_evaluations(self, namespace: str, job_id: str) -> list[Obj]:
-        evals = [
-            e
-            for e in (
-                self.state.get("evals", i)
-                for i in self.evals_by_job.get(row_key(namespace, job_id), ())
-            )
-            if e is not None
-        ]
+        evals = self._job_rows("evals", self.evals_by_job, namespace, job_id)
         return sorted(evals, key=lambda e: (e["CreateIndex"], e["ID"]))
 
     def job_summary(self, namespace: str, job_id: str) -> Obj:

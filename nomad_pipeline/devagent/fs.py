@@ -110,17 +110,23 @@ def _stat_error(relative: str, target: Path) -> NomadHTTPError:
     return NomadHTTPError(400, f"stat {relative}: permission denied")
 
 
+def _existing_file(root: Path, relative: str) -> Path:
+    """``relative`` inside the allocation directory, which must exist and not be a directory."""
+    target = resolve_in_alloc_dir(root, relative)
+    if not target.exists():
+        raise _stat_error(relative, target)
+    if target.is_dir():
+        raise NomadHTTPError(400, f'file "{relative}" is a directory')
+    return target
+
+
 # -- cat, readat, ls, stat ------------------------------------------------------------------
 
 
 async def cat(request: web.Request) -> web.StreamResponse:
     _, root = _allocation(request)
     relative = _required_path(request)
-    target = resolve_in_alloc_dir(root, relative)
-    if not target.exists():
-        raise _stat_error(relative, target)
-    if target.is_dir():
-        raise NomadHTTPError(400, f'file "{relative}" is a directory')
+    target = _existing_file(root, relative)
     data = await asyncio.to_thread(target.read_bytes)
     return web.Response(body=data, content_type="text/plain", headers=_headers(request))
 
@@ -130,11 +136,7 @@ async def readat(request: web.Request) -> web.StreamResponse:
     relative = _required_path(request)
     offset = _int_param(request, "offset")
     limit = _int_param(request, "limit")
-    target = resolve_in_alloc_dir(root, relative)
-    if not target.exists():
-        raise _stat_error(relative, target)
-    if target.is_dir():
-        raise NomadHTTPError(400, f'file "{relative}" is a directory')
+    target = _existing_file(root, relative)
     data = await asyncio.to_thread(_read_range, target, offset, limit)
     return web.Response(body=data, content_type="text/plain", headers=_headers(request))
 
@@ -366,11 +368,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
 async def stream_file(request: web.Request) -> web.StreamResponse:
     alloc, root = _allocation(request)
     relative = _required_path(request)
-    target = resolve_in_alloc_dir(root, relative)
-    if not target.exists():
-        raise _stat_error(relative, target)
-    if target.is_dir():
-        raise NomadHTTPError(400, f'file "{relative}" is a directory')
+    target = _existing_file(root, relative)
     origin, offset = _origin_and_offset(request)
     follow = query_bool(request, "follow", default=True)
     cursor = _start_cursor([target], origin, offset)

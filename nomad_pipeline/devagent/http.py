@@ -19,6 +19,7 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
+from nomad_pipeline.devagent.jobspec import format_duration
 from nomad_pipeline.devagent.state import NomadHTTPError, Obj, StateStore
 
 logger = logging.getLogger(__name__)
@@ -84,28 +85,8 @@ def parse_go_duration(text: str) -> float:
 
 
 def format_go_duration(seconds: float) -> str:
-    """Go's ``Duration.String`` for whole-ish durations (``15s``, ``1m30s``, ``1h0m0s``)."""
-    if seconds == 0:
-        return "0s"
-    sign = "-" if seconds < 0 else ""
-    nanos = round(abs(seconds) * 1e9)
-    if nanos < 1_000_000_000:
-        for unit, size in (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1)):
-            if nanos >= size:
-                return f"{sign}{_trim_float(nanos / size)}{unit}"
-    hours, rest = divmod(nanos, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    secs = _trim_float(rest / 1e9)
-    if hours:
-        return f"{sign}{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{sign}{minutes}m{secs}s"
-    return f"{sign}{secs}s"
-
-
-def _trim_float(value: float) -> str:
-    text = f"{value:.9f}".rstrip("0").rstrip(".")
-    return text or "0"
+    """Go's ``Duration.String`` of a duration given in seconds (``15s``, ``1m30s``, ``1h0m0s``)."""
+    return format_duration(round(seconds * 1e9))
 
 
 def query_bool(request: web.Request, name: str, default: bool = False) -> bool:

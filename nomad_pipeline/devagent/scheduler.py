@@ -214,6 +214,18 @@ def _constraints(job: Obj, group: Obj) -> list[Obj]:
     return found
 
 
+def node_variables(node: Obj) -> dict[str, Any]:
+    """The ``node.*`` names that constraints and ``${...}`` interpolation may use."""
+    return {
+        "node.unique.id": node["ID"],
+        "node.unique.name": node["Name"],
+        "node.datacenter": node["Datacenter"],
+        "node.region": node.get("Region", "global"),
+        "node.class": node.get("NodeClass") or "",
+        "node.pool": node["NodePool"],
+    }
+
+
 def _node_value(node: Obj, target: str) -> str | None:
     """Resolve ``${attr.x}``, ``${node.x}`` or ``${meta.x}`` against the node; else a literal."""
     if not (target.startswith("${") and target.endswith("}")):
@@ -225,15 +237,7 @@ def _node_value(node: Obj, target: str) -> str | None:
     if name.startswith("meta."):
         value = (node.get("Meta") or {}).get(name[5:])
         return None if value is None else str(value)
-    fields = {
-        "node.unique.id": node["ID"],
-        "node.unique.name": node["Name"],
-        "node.datacenter": node["Datacenter"],
-        "node.region": node.get("Region", "global"),
-        "node.class": node.get("NodeClass") or "",
-        "node.pool": node["NodePool"],
-    }
-    return fields.get(name)
+    return node_variables(node).get(name)
 
 
 def _compare(left: str, right: str) -> int:

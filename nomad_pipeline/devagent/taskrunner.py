@@ -451,17 +451,14 @@ class TaskRunner:
 
     def fail_setup(self, message: str) -> None:
         """The task cannot run at all (the allocation directory could not be built...)."""
-        self.emit(
+        self._emit_failed(
             task_event(
                 "Setup Failure",
                 message,
                 details={"setup_error": message, "fails_task": "true"},
                 SetupError=message,
                 FailsTask=True,
-            ),
-            State="dead",
-            Failed=True,
-            FinishedAt=rfc3339(time.time_ns()),
+            )
         )
 
     def emit_state(self, **state: Any) -> None:
@@ -469,18 +466,19 @@ class TaskRunner:
         self.owner.task_changed()
 
     def _fail(self, reason: str) -> None:
-        self.emit(
+        self._emit_failed(
             task_event(
                 "Not Restarting",
                 reason,
                 details={"restart_reason": reason, "fails_task": "true"},
                 RestartReason=reason,
                 FailsTask=True,
-            ),
-            State="dead",
-            Failed=True,
-            FinishedAt=rfc3339(time.time_ns()),
+            )
         )
+
+    def _emit_failed(self, event: Obj) -> None:
+        """Record ``event``, the reason the task is over, and leave the task dead and failed."""
+        self.emit(event, State="dead", Failed=True, FinishedAt=rfc3339(time.time_ns()))
 
     def _mark_dead(self) -> None:
         """Dead without a process to kill: stopped before starting or between restarts."""

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from nomad_pipeline.controller.apply import apply
 from nomad_pipeline.controller.manager import watch_store
@@ -41,10 +41,9 @@ from nomad_pipeline.resources.kinds import (
     RECONCILE_REQUESTED_ANNOTATION,
     FileError,
     GitRepository,
-    GitRepositoryStatus,
 )
 from nomad_pipeline.resources.manifests import JOBSPEC_SUFFIXES, MANIFEST_SUFFIXES, load_paths
-from nomad_pipeline.resources.meta import API_GROUP, Condition, Resource
+from nomad_pipeline.resources.meta import API_GROUP, Condition, Resource, ready_condition
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
 
@@ -128,29 +127,6 @@ def _load_tree(root: Path, relative: str) -> tuple[list[tuple[str, Resource]], l
     return objects, errors
 
 
-def _condition(
-    status: Literal["True", "False"], reason: str, message: str, now: datetime, generation: int
-) -> Condition:
-    return Condition(
-        type="Ready",
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=now,
-        observed_generation=generation,
-    )
-
-
-def _with_ready(status: GitRepositoryStatus, condition: Condition) -> list[Condition]:
-    """Replace the Ready condition, keeping its transition time when its status is unchanged."""
-    current = status.condition("Ready")
-    if current is not None and current.status == condition.status:
-        condition = condition.model_copy(
-            update={"last_transition_time": current.last_transition_time}
-        )
-    return [c for c in status.conditions if c.type != "Ready"] + [condition]
-
-
 class GitRepositoryReconciler:
     def __init__(
         self,
@@ -175,9 +151,8 @@ class GitRepositoryReconciler:
         if repository.spec.suspend:
             await self._write_status(
                 repository,
-                conditions=_with_ready(
-                    repository.status,
-                    _condition("False", "Suspended", "suspended", now, generation),
+                conditions=repository.status.with_condition(
+                    ready_condition("False", "Suspended", "suspended", now, generation),
                 ),
             )
             return Result()
@@ -224,8 +199,8 @@ class GitRepositoryReconciler:
                 repository,
                 last_fetch_time=now,
                 last_handled_reconcile_at=requested,
-                conditions=_with_ready(
-                    repository.status, _condition("False", reason, exc.message, now, generation)
+                conditions=repository.status.with_condition(
+                    ready_condition("False", reason, exc.message, now, generation)
                 ),
             )
             return
@@ -241,8 +216,8 @@ class GitRepositoryReconciler:
             last_applied_revision=(
                 commit.sha if fully_applied else repository.status.last_applied_revision
             ),
-            conditions=_with_ready(
-                repository.status, self._ready_condition(repository, commit.sha, outcome, now)
+            conditions=repository.status.with_condition(
+                self._ready_condition(repository, commit.sha, outcome, now)
             ),
         )
         logger.info(
@@ -277,11 +252,11 @@ class GitRepositoryReconciler:
                 else f"{first.path}: {first.message}"
             )
             message = f"{summary}; {len(outcome.file_errors)} file error(s), first {detail}"
-            return _condition("False", "ApplyFailed", message, now, generation)
+            return ready_condition("False", "ApplyFailed", message, now, generation)
         if outcome.prune_errors:
             message = f"{summary}; pruning failed: {'; '.join(outcome.prune_errors)}"
-            return _condition("False", "PruneFailed", message, now, generation)
-        return _condition("True", "Applied", summary, now, generation)
+            return ready_condition("False", "PruneFailed", message, now, generation)
+        return ready_condition("True", "Applied", summary, now, generation)
 
     async def _apply_commit(self, repository: GitRepository, sha: str) -> SyncOutcome:
         scratch = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="np-gitrepo-"))

@@ -357,15 +357,12 @@ class RunReconciler:
         namespace, job_id = key
         self.stats.nomad_requests += 1
         await self._nomad.deregister_job(job_id, namespace=namespace)
-        # Dispatched children of a parameterized step are jobs of their own.
-        child = self._children.pop(key, None)
-        children = [child] if child is not None else []
-        if child is None:
-            observation = self._cache.get(key)
-            if observation is not None and observation.job and is_parameterized(observation.job):
-                self.stats.nomad_requests += 1
-                listed, _ = await self._nomad.list_jobs(f"{job_id}/", namespace=namespace)
-                children = [(namespace, str(stub["ID"])) for stub in listed]
+        # Dispatched children of a parameterized step are jobs of their own. They are found by
+        # ID prefix, so a restarted controller that never saw the dispatch stops them too.
+        self._children.pop(key, None)
+        self.stats.nomad_requests += 1
+        listed, _ = await self._nomad.list_jobs(f"{job_id}/dispatch-", namespace=namespace)
+        children = [(namespace, str(stub["ID"])) for stub in listed if not stub.get("Stop")]
         for child_key in children:
             self.stats.nomad_requests += 1
             await self._nomad.deregister_job(child_key[1], namespace=child_key[0])
@@ -840,8 +837,8 @@ class RunReconciler:
             client_status = alloc.get("ClientStatus")
             if client_status == "pending":
                 continue
-            started = self._copier.copying(namespace, run, step, alloc_id)
-            if not started:
+            ended = client_status in ("complete", "failed", "lost")
+            if not self._copier.copying(namespace, run, step, alloc_id):
                 self._copier.start(
                     LogSource(
                         namespace=namespace,
@@ -850,9 +847,10 @@ class RunReconciler:
                         nomad_namespace=job.get("Namespace") or "default",
                         alloc_id=alloc_id,
                         task=task,
-                    )
+                    ),
+                    ended=ended,
                 )
-            if client_status in ("complete", "failed", "lost"):
+            elif ended:
                 self._copier.allocation_done(namespace, run, step, alloc_id)
 
     # ---- inline flows ------------------------------------------------------------------------

@@ -33,8 +33,10 @@ from nomad_pipeline.reconcilers.speclogs import LogCopier
 from nomad_pipeline.resources.kinds import Run
 from nomad_pipeline.store.interface import Store
 
-# Runs reconciled at once; each reconcile is short (a few awaits on the store and Nomad).
-RUN_WORKERS = 16
+# Runs reconciled at once. A reconcile mostly waits (a status write, then a register), so the
+# bound is about how hard the controller may push Nomad and the store, not about CPU: at 100
+# concurrent runs 64 workers halved the transition latency of 16 on the dev agent.
+RUN_WORKERS = 64
 
 
 class _LogCopierOwner:
@@ -68,6 +70,7 @@ class RunController:
     cache: JobCache
     events: NomadEventSource
     copier: LogCopier
+    logs: LogStore
     # The log streams' own HTTP session, closed with the copier.
     log_session: aiohttp.ClientSession | None = None
 
@@ -162,7 +165,7 @@ def build_run_controller(
     controller = Controller("runs", reconciler, workers=workers)
     controllers.append(controller)
     events = NomadEventSource(nomad, cache, wake)
-    return RunController(store, reconciler, controller, cache, events, copier, owned_session)
+    return RunController(store, reconciler, controller, cache, events, copier, logs, owned_session)
 
 
 def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:

@@ -74,19 +74,21 @@ class LogCopier:
     def __len__(self) -> int:
         return len(self._copies)
 
-    def start(self, source: LogSource) -> None:
-        """Start copying ``source`` unless it is already being copied."""
+    def start(self, source: LogSource, *, ended: bool = False) -> None:
+        """Start copying ``source`` unless it is already being copied. ``ended``: the allocation
+        is already terminal, so its logs are read once to their end instead of followed."""
         key = (source.namespace, source.run, source.step, source.alloc_id)
         if key in self._copies:
             return
         copy = _Copy(source)
+        if ended:
+            copy.done.set()
         self._copies[key] = copy
-        for stream in STREAMS:
-            task = asyncio.create_task(
-                self._copy(copy, stream), name=f"logs-{source.run}-{source.step}-{stream}"
-            )
-            copy.tasks.append(task)
-            task.add_done_callback(functools.partial(self._finished, key))
+        task = asyncio.create_task(
+            self._copy_allocation(copy), name=f"logs-{source.run}-{source.step}"
+        )
+        copy.tasks.append(task)
+        task.add_done_callback(functools.partial(self._finished, key))
 
     def copying(self, namespace: str, run: str, step: str, alloc_id: str) -> bool:
         return (namespace, run, step, alloc_id) in self._copies
@@ -127,14 +129,38 @@ class LogCopier:
             task.add_done_callback(self._marking.discard)
             task.add_done_callback(_log_failure)
 
-    async def _copy(self, copy: _Copy, stream: Stream) -> None:
+    async def _copy_allocation(self, copy: _Copy) -> None:
+        """Both streams of one allocation, resuming where each file ends (one disk round trip
+        for both offsets)."""
         source = copy.source
-        path = self._logs.path(source.namespace, source.run, source.step, stream)
+        paths = {
+            stream: self._logs.path(source.namespace, source.run, source.step, stream)
+            for stream in STREAMS
+        }
+        offsets = await asyncio.to_thread(_resume_offsets, paths, source.alloc_id)
+        async with asyncio.TaskGroup() as streams:
+            for stream in STREAMS:
+                streams.create_task(
+                    self._copy(copy, stream, paths[stream], offsets[stream]),
+                    name=f"logs-{source.run}-{source.step}-{stream}",
+                )
+
+    async def _copy(self, copy: _Copy, stream: Stream, path: Path, offset: int) -> None:
+        source = copy.source
         delay = _NOT_STARTED_RETRY_SECONDS
+        first = True
         while True:
-            offset = await asyncio.to_thread(_resume_offset, path, source.alloc_id, stream)
+            if not first:
+                offsets = await asyncio.to_thread(_resume_offsets, {stream: path}, source.alloc_id)
+                offset = offsets[stream]
+            first = False
             try:
-                finished = await self._follow(copy, stream, offset)
+                if copy.done.is_set():
+                    # Terminal already: everything is written, a plain read ends at the end.
+                    await self._read_to_end(copy, stream, offset)
+                    finished = True
+                else:
+                    finished = await self._follow(copy, stream, offset)
             except asyncio.CancelledError:
                 raise
             except NotFound:
@@ -154,6 +180,19 @@ class LogCopier:
                 delay = min(delay, self._drain_quiet)
             await _wait_or(copy.done, delay)
             delay = min(delay * 2, _RETRY_CAP_SECONDS)
+
+    async def _read_to_end(self, copy: _Copy, stream: Stream, offset: int) -> None:
+        source = copy.source
+        self.requests += 1
+        async for chunk in self._nomad.stream_logs(
+            source.alloc_id,
+            source.task,
+            stream,
+            namespace=source.nomad_namespace,
+            offset=offset,
+            follow=False,
+        ):
+            await self._logs.append(source.namespace, source.run, source.step, stream, chunk)
 
     async def _follow(self, copy: _Copy, stream: Stream, offset: int) -> bool:
         """Copy until drained after the allocation ended (True) or the stream ended (False).
@@ -224,19 +263,22 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         logger.error("marking a step's logs finished failed", exc_info=task.exception())
 
 
-def _resume_offset(path: Path, alloc_id: str, stream: Stream) -> int:
-    """Where Nomad's stream of ``alloc_id`` resumes: file length minus the allocation's base."""
-    size = path.stat().st_size if path.exists() else 0
-    offsets_path = path.parent / OFFSETS_FILE
+def _resume_offsets(paths: dict[Stream, Path], alloc_id: str) -> dict[Stream, int]:
+    """Where Nomad's streams of ``alloc_id`` resume: each file's length minus the length it had
+    when this allocation's copy began (recorded on first sight, in one write)."""
+    sizes = {stream: path.stat().st_size if path.exists() else 0 for stream, path in paths.items()}
+    offsets_path = next(iter(paths.values())).parent / OFFSETS_FILE
     try:
         offsets = json.loads(offsets_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         offsets = {}
     bases = offsets.setdefault(alloc_id, {})
-    if stream not in bases:
-        bases[stream] = size
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = offsets_path.with_suffix(f".{stream}.tmp")
+    missing = [stream for stream in paths if stream not in bases]
+    if missing:
+        for stream in missing:
+            bases[stream] = sizes[stream]
+        offsets_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = offsets_path.with_name(f"{OFFSETS_FILE}.{alloc_id}.tmp")
         temporary.write_text(json.dumps(offsets))
         temporary.replace(offsets_path)
-    return max(0, size - int(bases[stream]))
+    return {stream: max(0, sizes[stream] - int(bases[stream])) for stream in paths}

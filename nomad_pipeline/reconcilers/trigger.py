@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from nomad_pipeline.controller.api.runs import create_run
 from nomad_pipeline.controller.manager import watch_store
@@ -29,9 +29,8 @@ from nomad_pipeline.resources.kinds import (
     Run,
     RunTrigger,
     Trigger,
-    TriggerStatus,
 )
-from nomad_pipeline.resources.meta import API_GROUP, Condition
+from nomad_pipeline.resources.meta import API_GROUP, ready_condition
 from nomad_pipeline.resources.ulid import ulid_for
 from nomad_pipeline.store.interface import Store
 
@@ -74,29 +73,6 @@ def git_trigger_variables(url: str, branch: str, commit: Commit, before: str) ->
     }
 
 
-def _condition(
-    status: Literal["True", "False"], reason: str, message: str, now: datetime, generation: int
-) -> Condition:
-    return Condition(
-        type="Ready",
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=now,
-        observed_generation=generation,
-    )
-
-
-def _with_ready(status: TriggerStatus, condition: Condition) -> list[Condition]:
-    """Replace the Ready condition, keeping its transition time when its status is unchanged."""
-    current = status.condition("Ready")
-    if current is not None and current.status == condition.status:
-        condition = condition.model_copy(
-            update={"last_transition_time": current.last_transition_time}
-        )
-    return [c for c in status.conditions if c.type != "Ready"] + [condition]
-
-
 class TriggerReconciler:
     def __init__(
         self,
@@ -120,8 +96,8 @@ class TriggerReconciler:
             await self._write_status(
                 trigger,
                 next_fire_time=None,
-                conditions=_with_ready(
-                    trigger.status, _condition("False", "Suspended", "suspended", now, generation)
+                conditions=trigger.status.with_condition(
+                    ready_condition("False", "Suspended", "suspended", now, generation)
                 ),
             )
             return Result()
@@ -136,8 +112,8 @@ class TriggerReconciler:
             listening += " (no secret: deliveries are not authenticated)"
         await self._write_status(
             trigger,
-            conditions=_with_ready(
-                trigger.status, _condition("True", "Listening", listening, now, generation)
+            conditions=trigger.status.with_condition(
+                ready_condition("True", "Listening", listening, now, generation)
             ),
         )
         return Result()
@@ -187,9 +163,8 @@ class TriggerReconciler:
             trigger,
             **changes,
             next_fire_time=next_fire,
-            conditions=_with_ready(
-                trigger.status,
-                _condition(
+            conditions=trigger.status.with_condition(
+                ready_condition(
                     "True",
                     "Scheduled",
                     f"next firing at {next_fire.isoformat()}",
@@ -283,9 +258,8 @@ class TriggerReconciler:
             await self._write_status(
                 trigger,
                 message=exc.message,
-                conditions=_with_ready(
-                    trigger.status,
-                    _condition(
+                conditions=trigger.status.with_condition(
+                    ready_condition(
                         "False", "FetchFailed", exc.message, now, trigger.metadata.generation
                     ),
                 ),
@@ -306,9 +280,10 @@ class TriggerReconciler:
             trigger = await self._write_status(trigger, last_run=run_name, message=message)
         await self._write_status(
             trigger,
-            conditions=_with_ready(
-                trigger.status,
-                _condition("True", "Polling", f"at {commit.sha}", now, trigger.metadata.generation),
+            conditions=trigger.status.with_condition(
+                ready_condition(
+                    "True", "Polling", f"at {commit.sha}", now, trigger.metadata.generation
+                ),
             ),
         )
         return Result(requeue_after=interval)

@@ -82,6 +82,33 @@ class Status(StrictModel):
     def condition(self, condition_type: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == condition_type), None)
 
+    def with_condition(self, condition: Condition) -> list[Condition]:
+        """The conditions with ``condition`` replacing the one of its type (appended last).
+
+        The transition time stays that of the current condition when its status is unchanged,
+        so ``last_transition_time`` says when the status last flipped, not when it was written.
+        """
+        current = self.condition(condition.type)
+        if current is not None and current.status == condition.status:
+            condition = condition.model_copy(
+                update={"last_transition_time": current.last_transition_time}
+            )
+        return [c for c in self.conditions if c.type != condition.type] + [condition]
+
+
+def ready_condition(
+    status: Literal["True", "False"], reason: str, message: str, now: datetime, generation: int
+) -> Condition:
+    """A ``Ready`` condition observed at ``now`` for the object's ``generation``."""
+    return Condition(
+        type="Ready",
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+
 
 class Resource(StrictModel):
     """Base of every kind. Subclasses narrow ``spec`` and ``status`` and set the class vars."""

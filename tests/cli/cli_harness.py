@@ -19,6 +19,14 @@ from nomad_pipeline.store.memory import MemoryStore
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLI_BINARY = REPO_ROOT / ".venv" / "bin" / "nomad-pipeline"
 
+# The namespace most tests apply first, ahead of their own documents ("---" joins them).
+DEFAULT_NAMESPACE_MANIFEST = """\
+apiVersion: nomad-pipeline.io/v1
+kind: Namespace
+metadata: {name: default}
+spec: {}
+"""
+
 
 @dataclass
 class CliResult:
@@ -43,6 +51,18 @@ class Controller:
 
     async def cli(self, *argv: str, stdin: str = "") -> CliResult:
         return await run_cli(self.addr, *argv, stdin=stdin)
+
+    async def start_cli(self, *argv: str) -> asyncio.subprocess.Process:
+        """The CLI as a real process (for commands that keep printing: ``-f``, ``-w``), with
+        stdout and stderr piped; the caller ends it."""
+        return await asyncio.create_subprocess_exec(
+            str(CLI_BINARY),
+            *argv,
+            "--addr",
+            self.addr,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
 
 
 RouteSetups = Sequence[Callable[..., None]]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import CLI_BINARY, Controller, start_controller
+from cli_harness import Controller, start_controller
 
 from nomad_pipeline.controller.api import logs
 from nomad_pipeline.controller.logstore import LogStore
@@ -85,16 +85,7 @@ async def test_logs_follow_streams_until_the_step_ends(
 ) -> None:
     run = await store_run(with_logs, {"build": "running"})
     await log_store.append("default", RUN_ID, "build", "stdout", b"first\n")
-    follower = await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
-        "logs",
-        RUN_ID,
-        "build",
-        "-f",
-        "--addr",
-        with_logs.addr,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    follower = await with_logs.start_cli("logs", RUN_ID, "build", "-f")
     assert follower.stdout is not None
     try:
         assert await asyncio.wait_for(follower.stdout.readline(), LINE_DEADLINE) == b"first\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import CLI_BINARY, Controller, start_controller
+from cli_harness import DEFAULT_NAMESPACE_MANIFEST, Controller, start_controller
 
 from nomad_pipeline.controller.api import logs, runs
 from nomad_pipeline.controller.logstore import LogStore
@@ -20,11 +20,9 @@ from nomad_pipeline.resources.kinds import Run, StepStatus
 
 LINE_DEADLINE = 30.0
 
-MANIFESTS = """\
-apiVersion: nomad-pipeline.io/v1
-kind: Namespace
-metadata: {name: default}
-spec: {}
+MANIFESTS = (
+    DEFAULT_NAMESPACE_MANIFEST
+    + """\
 ---
 apiVersion: nomad-pipeline.io/v1
 kind: Flow
@@ -38,6 +36,7 @@ spec:
       - {name: build, run: "echo build"}
       - {name: test, run: "echo test"}
 """
+)
 
 
 @pytest.fixture
@@ -81,17 +80,6 @@ async def read_line(stream: asyncio.StreamReader) -> str:
     return line.decode().rstrip("\n")
 
 
-async def start_cli(controller: Controller, *argv: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
-        *argv,
-        "--addr",
-        controller.addr,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
 async def test_run_prints_the_run_name_alone_and_creates_the_run(with_runs: Controller) -> None:
     result = await with_runs.cli("run", "hello", "--var", "who=you", "--var", "count=3")
     assert (result.code, result.err) == (0, "")
@@ -115,7 +103,7 @@ async def test_run_prints_the_run_name_alone_and_creates_the_run(with_runs: Cont
 async def test_run_wait_follow_prints_transitions_and_logs_and_exits_non_zero_on_failure(
     with_runs: Controller, log_store: LogStore
 ) -> None:
-    waiter = await start_cli(with_runs, "run", "hello", "--follow")
+    waiter = await with_runs.start_cli("run", "hello", "--follow")
     assert waiter.stdout is not None
     try:
         run_id = await read_line(waiter.stdout)

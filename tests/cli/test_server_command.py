@@ -5,21 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
-import socket
 from pathlib import Path
 
 import aiohttp
 from cli_harness import CLI_BINARY, run_cli
+from ports import free_port
 
 from nomad_pipeline.cli.main import main
 
 START_DEADLINE = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def spawn(*argv: str, log: Path, stdout: int | None = None) -> asyncio.subprocess.Process:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import Controller, start_controller
+from cli_harness import DEFAULT_NAMESPACE_MANIFEST, Controller, start_controller
 
 from nomad_pipeline.controller.api import gitsync
 from nomad_pipeline.resources.kinds import RECONCILE_REQUESTED_ANNOTATION, GitRepository
@@ -20,17 +20,16 @@ from nomad_pipeline.resources.meta import Condition
 
 DEADLINE = 30.0
 
-REPOSITORY = """\
-apiVersion: nomad-pipeline.io/v1
-kind: Namespace
-metadata: {name: default}
-spec: {}
+REPOSITORY = (
+    DEFAULT_NAMESPACE_MANIFEST
+    + """\
 ---
 apiVersion: nomad-pipeline.io/v1
 kind: GitRepository
 metadata: {name: infra, namespace: default}
 spec: {url: "file:///srv/infra.git", ref: {branch: main}, path: manifests}
 """
+)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from cli_harness import CLI_BINARY, Controller, start_controller
+from cli_harness import Controller, start_controller
 
 from nomad_pipeline.store.memory import MemoryStore
 
@@ -43,20 +43,7 @@ async def test_get_watch_prints_new_rows_for_changes(
 ) -> None:
     await controller.cli("apply", "-f", "-", stdin=NAMESPACE)
     await controller.cli("apply", "-f", "-", stdin=flow("build-test", "a"))
-    watcher = await asyncio.create_subprocess_exec(
-        str(CLI_BINARY),
-        "get",
-        "flows",
-        "-n",
-        "team-a",
-        "-w",
-        "-o",
-        "wide",
-        "--addr",
-        controller.addr,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    watcher = await controller.start_cli("get", "flows", "-n", "team-a", "-w", "-o", "wide")
     assert watcher.stdout is not None
     try:
         header = await read_line(watcher.stdout)
@@ -96,19 +83,8 @@ async def test_get_one_object_watch_recovers_from_an_expired_version(tmp_path: P
         await controller.cli("apply", "-f", "-", stdin=flow("build-test", "a"))
         for index in range(4):
             await controller.cli("apply", "-f", "-", stdin=flow(f"other-{index}", "x"))
-        watcher = await asyncio.create_subprocess_exec(
-            str(CLI_BINARY),
-            "get",
-            "flow",
-            "build-test",
-            "-n",
-            "team-a",
-            "-w",
-            "-o",
-            "name",
-            "--addr",
-            controller.addr,
-            stdout=asyncio.subprocess.PIPE,
+        watcher = await controller.start_cli(
+            "get", "flow", "build-test", "-n", "team-a", "-w", "-o", "name"
         )
         assert watcher.stdout is not None
         try:

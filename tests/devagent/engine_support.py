@@ -94,6 +94,11 @@ def job_dead(engine: Engine, job_id: str) -> dict[str, Any] | None:
     return found if found is not None and found["Status"] == "dead" else None
 
 
+def eval_complete(engine: Engine, eval_id: str) -> dict[str, Any] | None:
+    found = engine.state.get("evals", eval_id)
+    return found if found is not None and found["Status"] == "complete" else None
+
+
 def allocs(engine: Engine, job_id: str) -> list[dict[str, Any]]:
     return engine.job_allocations("default", job_id)
 

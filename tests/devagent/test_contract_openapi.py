@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import functools
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,10 @@ import pytest
 import yaml
 from devagent_http_support import (
     Api,
-    api_client,
     batch_job,
     job_allocations,
-    running_agent,
     wait_job_status,
 )
-
-from nomad_pipeline.devagent.server import DevAgent
 
 # Where the OpenAPI document and the real server disagree (nomad-api.md wins):
 DEVIATIONS = {
@@ -135,18 +130,6 @@ def load_contract(path: Path) -> Contract:
 @pytest.fixture
 def contract(shared_reference: Path) -> Contract:
     return load_contract(shared_reference / "nomad-openapi.yaml")
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[DevAgent]:
-    async with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 async def test_cluster_endpoints(contract: Contract, api: Api) -> None:

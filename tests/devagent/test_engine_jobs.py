@@ -11,6 +11,7 @@ from engine_support import (
     SECOND,
     allocs,
     batch_job,
+    eval_complete,
     event_types,
     job,
     job_dead,
@@ -96,14 +97,7 @@ async def test_missing_driver_blocks_the_job_with_failed_tg_allocs(tmp_path: Pat
     docker = {"Name": "main", "Driver": "docker", "Config": {"image": "alpine"}}
     async with running_engine(tmp_path) as engine:
         reply = await engine.register_job("default", batch_job("dock", tasks=[docker]))
-        evaluation = await wait_until(
-            engine,
-            lambda: (
-                (e := engine.state.get("evals", reply["EvalID"]))
-                and e["Status"] == "complete"
-                and e
-            ),
-        )
+        evaluation = await wait_until(engine, lambda: eval_complete(engine, reply["EvalID"]))
         failed = evaluation["FailedTGAllocs"]["step"]
         assert failed["ConstraintFiltered"] == {"missing drivers": 1}
         assert failed["NodesEvaluated"] == 1 and failed["NodesFiltered"] == 1
@@ -120,14 +114,7 @@ async def test_resource_exhaustion_reports_the_dimension(tmp_path: Path) -> None
     greedy = shell_task("exit 0", Resources={"CPU": 100, "MemoryMB": 10**9})
     async with running_engine(tmp_path) as engine:
         reply = await engine.register_job("default", batch_job("greedy", tasks=[greedy]))
-        evaluation = await wait_until(
-            engine,
-            lambda: (
-                (e := engine.state.get("evals", reply["EvalID"]))
-                and e["Status"] == "complete"
-                and e
-            ),
-        )
+        evaluation = await wait_until(engine, lambda: eval_complete(engine, reply["EvalID"]))
         failed = evaluation["FailedTGAllocs"]["step"]
         assert failed["DimensionExhausted"] == {"memory": 1}
         assert failed["NodesExhausted"] == 1
@@ -142,12 +129,7 @@ async def test_unchanged_reregister_does_not_rerun_a_completed_batch_job(tmp_pat
         second = await engine.register_job("default", spec)
         assert second["EvalID"] != first["EvalID"]
         assert second["JobModifyIndex"] == first["JobModifyIndex"]
-        await wait_until(
-            engine,
-            lambda: (
-                (e := engine.state.get("evals", second["EvalID"])) and e["Status"] == "complete"
-            ),
-        )
+        await wait_until(engine, lambda: eval_complete(engine, second["EvalID"]))
         assert len(allocs(engine, "same")) == 1
         assert job(engine, "same")["Version"] == 0
         assert job(engine, "same")["Status"] == "dead"
@@ -322,14 +304,7 @@ async def test_unmet_constraint_is_reported_like_nomad(tmp_path: Path) -> None:
     windows = {"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "="}
     async with running_engine(tmp_path) as engine:
         reply = await engine.register_job("default", batch_job("win", Constraints=[windows]))
-        evaluation = await wait_until(
-            engine,
-            lambda: (
-                (e := engine.state.get("evals", reply["EvalID"]))
-                and e["Status"] == "complete"
-                and e
-            ),
-        )
+        evaluation = await wait_until(engine, lambda: eval_complete(engine, reply["EvalID"]))
         failed = evaluation["FailedTGAllocs"]["step"]
         assert failed["ConstraintFiltered"] == {"${attr.kernel.name} = windows": 1}
         assert allocs(engine, "win") == []

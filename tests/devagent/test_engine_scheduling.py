@@ -11,6 +11,7 @@ from engine_support import (
     SECOND,
     allocs,
     batch_job,
+    eval_complete,
     job,
     job_dead,
     running_engine,
@@ -238,10 +239,7 @@ async def test_evaluate_with_force_reschedule_replaces_a_final_failure(tmp_path:
         await wait_until(engine, lambda: job_dead(engine, "forced"))
         [failed] = allocs(engine, "forced")
         plain = await engine.evaluate_job("default", "forced")
-        await wait_until(
-            engine,
-            lambda: (e := engine.state.get("evals", plain["EvalID"])) and e["Status"] == "complete",
-        )
+        await wait_until(engine, lambda: eval_complete(engine, plain["EvalID"]))
         assert len(allocs(engine, "forced")) == 1  # no budget left: nothing to do
         await engine.evaluate_job("default", "forced", force_reschedule=True)
         await wait_until(

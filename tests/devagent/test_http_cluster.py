@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import nomad.api.exceptions as nomad_errors
 import pytest
 from devagent_http_support import Api, api_client, python_nomad, running_agent
 
 from nomad_pipeline.devagent.server import DevAgent
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[DevAgent]:
-    async with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 async def test_status_leader_and_peers_answer_the_rpc_address(api: Api) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from devagent_http_support import Api, api_client, batch_job, python_nomad, running_agent
+from devagent_http_support import Api, batch_job, python_nomad, running_agent
 
 from nomad_pipeline.devagent.server import DevAgent
 
@@ -18,12 +18,6 @@ from nomad_pipeline.devagent.server import DevAgent
 async def agent() -> AsyncIterator[DevAgent]:
     async with running_agent(event_heartbeat=0.2) as started:
         yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 class Stream:

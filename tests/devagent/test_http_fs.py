@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,12 +12,10 @@ import nomad.api.exceptions as nomad_errors
 import pytest
 from devagent_http_support import (
     Api,
-    api_client,
     batch_job,
     eventually,
     job_allocations,
     python_nomad,
-    running_agent,
     wait_job_status,
 )
 
@@ -30,18 +27,6 @@ FILES_SCRIPT = (
     'ln -s /etc "$NOMAD_ALLOC_DIR/data/escape"; '
     "echo out; echo err >&2"
 )
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[DevAgent]:
-    async with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,6 @@ from devagent_http_support import (
 )
 
 from nomad_pipeline.devagent.server import DevAgent
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[DevAgent]:
-    async with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 def main_task(allocation: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nomad.api.exceptions as nomad_errors
@@ -12,18 +11,6 @@ import pytest
 from devagent_http_support import Api, api_client, python_nomad, running_agent
 
 from nomad_pipeline.devagent.server import DevAgent
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[DevAgent]:
-    async with running_agent() as started:
-        yield started
-
-
-@pytest.fixture
-async def api(agent: DevAgent) -> AsyncIterator[Api]:
-    async with api_client(agent) as client:
-        yield client
 
 
 async def test_write_read_list_delete(api: Api) -> None:

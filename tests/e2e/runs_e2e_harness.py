@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from ports import free_port
 
 from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.nomad.client import NomadClient
@@ -22,13 +22,6 @@ from nomad_pipeline.nomad.client import NomadClient
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "nomad-pipeline")
 TERMINAL = {"success", "failed", "cancelled", "skipped"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -124,3 +124,27 @@ async def test_parameterized_jobspec_is_dispatched(stack: Stack) -> None:
     assert parent is not None
     children, _ = await stack.nomad.list_jobs(f"{parent}/dispatch-")
     assert len(children) == 1
+
+
+async def test_cancel_stops_a_dispatched_child(stack: Stack) -> None:
+    job = shell_job("sleep 30")
+    job["ParameterizedJob"] = {"Payload": "optional"}
+    await stack.create_flow("param-cancel", flow({"name": "child", "job": {"json": job}}))
+    run_id = await stack.start_run("param-cancel")
+    parent = f"{run_id}-child"
+
+    async def children() -> list[dict[str, Any]]:
+        listed, _ = await stack.nomad.list_jobs(f"{parent}/dispatch-")
+        return listed
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while not await children():
+        assert loop.time() < end, "the parameterized job was not dispatched"
+        await asyncio.sleep(0.05)
+    async with stack.http.put(f"{stack.address}/v1/runs/{run_id}/cancel") as response:
+        assert response.status == 200
+    run = await stack.wait_run(run_id)
+    assert run.status.phase == "cancelled"
+    (child,) = await children()
+    assert child["Stop"] is True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from run_harness import Stack, spec_step
+from run_harness import Stack, shell_job, spec_step
 
 
 async def test_sequential_flow_succeeds(stack: Stack) -> None:
@@ -146,3 +146,32 @@ async def test_placement_failure_fails_the_step_with_nomads_reason(stack: Stack)
     step = run.status.steps[0]
     assert (run.status.phase, step.phase) == ("failed", "failed")
     assert "missing drivers" in step.message
+
+
+async def test_seed_style_name_format_and_condition(stack: Stack) -> None:
+    await stack.create_flow(
+        "seed",
+        {
+            "specification": {
+                "steps": [
+                    {
+                        "name": "step1",
+                        "job": {
+                            "json": shell_job("exit 1"),
+                            "name_format": "${nomad_pipeline.run_id}-first",
+                        },
+                    },
+                    spec_step(
+                        "step2-conditional",
+                        "echo step1 failed",
+                        condition='specifications.step1.status == "failed"',
+                    ),
+                ]
+            }
+        },
+    )
+    run_id = await stack.start_run("seed")
+    run = await stack.wait_run(run_id)
+    first, handler = run.status.steps
+    assert first.nomad_job_id == f"{run_id}-first"
+    assert (first.phase, handler.phase, run.status.phase) == ("failed", "success", "failed")

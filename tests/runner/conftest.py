@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_harness import RUNNER, Controller, RunnerProcess, free_port
+from ports import free_port
+from runner_harness import RUNNER, Controller, RunnerProcess
 
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.runnertoken import runner_token

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,6 @@ from nomad_pipeline.store.memory import MemoryStore
 
 RUNNER = Path(sys.executable).parent / "nomad-pipeline-runner"
 DEADLINE = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -66,9 +66,7 @@ def log_store_of(app: web.Application) -> LogStore:
 async def seed_logs(request: web.Request) -> web.StreamResponse:
     namespace = request.query.get("namespace") or "default"
     name = request.match_info["name"]
-    stream = validate_stream(request.query.get("type") or "stdout")
-    run = await request.app[STORE].get(Run, namespace, name)
-    step = _step_of(run, request.query.get("step_id"), "step_id")
+    run, step, stream = await _requested_log(request, namespace, "step_id", "type")
     if query_flag(request, "tail"):
         return await _stream_log(request, run, step, stream)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -94,9 +92,7 @@ async def seed_logs(request: web.Request) -> web.StreamResponse:
 async def native_logs(request: web.Request) -> web.StreamResponse:
     namespace = request.match_info["namespace"]
     name = request.match_info["name"]
-    stream = validate_stream(request.query.get("stream") or "stdout")
-    run = await request.app[STORE].get(Run, namespace, name)
-    step = _step_of(run, request.query.get("step"), "step")
+    run, step, stream = await _requested_log(request, namespace, "step", "stream")
     if query_flag(request, "follow"):
         return await _stream_log(request, run, step, stream)
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
@@ -105,6 +101,19 @@ async def native_logs(request: web.Request) -> web.StreamResponse:
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+async def _requested_log(
+    request: web.Request, namespace: str, step_param: str, stream_param: str
+) -> tuple[Run, str, LogStream]:
+    """The run named in the path, and the step and stream the query names (stdout by default).
+
+    The seed's route and ours name the query parameters differently, hence the parameters.
+    """
+    stream = validate_stream(request.query.get(stream_param) or "stdout")
+    run = await request.app[STORE].get(Run, namespace, request.match_info["name"])
+    step = _step_of(run, request.query.get(step_param), step_param)
+    return run, step, stream
 
 
 async def _chunks(

@@ -154,6 +154,18 @@ async def _create(store: Store, obj: R) -> R:
     return await store.create(obj)
 
 
+async def _listed(request: web.Request, kind: type[R]) -> list[R]:
+    """The objects of ``kind`` in the requested namespace (``*``: all), in the store's order."""
+    namespace = await namespace_scope(request, allow_all=True)
+    return (await request.app[STORE].list(kind, namespace)).items
+
+
+async def _read(request: web.Request, kind: type[R]) -> R:
+    """The object of ``kind`` named by the path's ``id`` in the requested namespace."""
+    namespace = await namespace_scope(request, allow_all=False)
+    return await request.app[STORE].get(kind, namespace or "", request.match_info["id"])
+
+
 async def _delete(request: web.Request, kind: type[Resource]) -> web.Response:
     namespace = await namespace_scope(request, allow_all=False)
     name = request.match_info["id"]
@@ -428,9 +440,7 @@ async def create_flow(request: web.Request) -> web.Response:
 
 async def list_flows(request: web.Request) -> web.Response:
     """List flows as ``{"flows": [{"id", "namespace", "type"}]}``."""
-    namespace = await namespace_scope(request, allow_all=True)
-    listed = await request.app[STORE].list(Flow, namespace)
-    items = sorted(listed.items, key=lambda flow: flow.key)
+    items = sorted(await _listed(request, Flow), key=lambda flow: flow.key)
     stubs = [
         {"id": flow.metadata.name, "namespace": flow.metadata.namespace, "type": flow_type(flow)}
         for flow in items
@@ -440,9 +450,7 @@ async def list_flows(request: web.Request) -> web.Response:
 
 async def get_flow(request: web.Request) -> web.Response:
     """Read a flow."""
-    namespace = await namespace_scope(request, allow_all=False)
-    flow = await request.app[STORE].get(Flow, namespace or "", request.match_info["id"])
-    return web.json_response({"flow": flow_to_seed(flow)})
+    return web.json_response({"flow": flow_to_seed(await _read(request, Flow))})
 
 
 async def delete_flow(request: web.Request) -> web.Response:
@@ -513,18 +521,14 @@ def run_to_seed(run: Run) -> dict[str, Any]:
 
 async def list_runs(request: web.Request) -> web.Response:
     """List runs as stubs, oldest first."""
-    namespace = await namespace_scope(request, allow_all=True)
-    listed = await request.app[STORE].list(Run, namespace)
     # Run names are ULIDs: sorting by name sorts by creation time.
-    items = sorted(listed.items, key=lambda run: run.metadata.name)
+    items = sorted(await _listed(request, Run), key=lambda run: run.metadata.name)
     return web.json_response({"runs": [run_stub(run) for run in items]})
 
 
 async def get_run(request: web.Request) -> web.Response:
     """Read a run with its steps."""
-    namespace = await namespace_scope(request, allow_all=False)
-    run = await request.app[STORE].get(Run, namespace or "", request.match_info["id"])
-    return web.json_response({"run": run_to_seed(run)})
+    return web.json_response({"run": run_to_seed(await _read(request, Run))})
 
 
 async def delete_run(request: web.Request) -> web.Response:
@@ -647,9 +651,7 @@ async def create_trigger(request: web.Request) -> web.Response:
 
 async def list_triggers(request: web.Request) -> web.Response:
     """List triggers as ``{"triggers": [{"id", "namespace", "flow"}]}``."""
-    namespace = await namespace_scope(request, allow_all=True)
-    listed = await request.app[STORE].list(Trigger, namespace)
-    items = sorted(listed.items, key=lambda trigger: trigger.key)
+    items = sorted(await _listed(request, Trigger), key=lambda trigger: trigger.key)
     stubs = [
         {"id": t.metadata.name, "namespace": t.metadata.namespace, "flow": t.spec.flow}
         for t in items
@@ -659,9 +661,7 @@ async def list_triggers(request: web.Request) -> web.Response:
 
 async def get_trigger(request: web.Request) -> web.Response:
     """Read a trigger."""
-    namespace = await namespace_scope(request, allow_all=False)
-    trigger = await request.app[STORE].get(Trigger, namespace or "", request.match_info["id"])
-    return web.json_response({"trigger": trigger_to_seed(trigger)})
+    return web.json_response({"trigger": trigger_to_seed(await _read(request, Trigger))})
 
 
 async def delete_trigger(request: web.Request) -> web.Response:
