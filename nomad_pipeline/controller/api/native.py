@@ -11,21 +11,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from nomad_pipeline.controller import admission
-from nomad_pipeline.controller.api import BACKGROUND, STORE
+from nomad_pipeline.controller.api import BACKGROUND, READY, STORE
 from nomad_pipeline.controller.api.errors import query_flag, read_json_object
 from nomad_pipeline.controller.api.watch import object_wire, stream_watch
 from nomad_pipeline.controller.apply import ApplyResult, apply_all
-from nomad_pipeline.errors import Invalid, NotFound
+from nomad_pipeline.errors import Gone, Invalid, NotFound
 from nomad_pipeline.resources import manifests
 from nomad_pipeline.resources.meta import API_VERSION, Resource
 from nomad_pipeline.resources.registry import KINDS
+from nomad_pipeline.store.interface import Store
 
 PREFIX = "/apis/nomad-pipeline.io/v1"
 T = TypeVar("T")
@@ -35,6 +37,7 @@ _BY_PLURAL: dict[str, type[Resource]] = {kind.PLURAL: kind for kind in KINDS.val
 
 def setup_native_routes(app: web.Application) -> None:
     app[WIRE_CACHE] = WireCache()
+    app.cleanup_ctx.append(_keep_wire_cache_warm)
     app.router.add_put(f"{PREFIX}/apply", apply_objects)
     app.router.add_get(f"{PREFIX}/namespaces/{{namespace}}/{{plural}}", list_namespaced)
     app.router.add_get(f"{PREFIX}/namespaces/{{namespace}}/{{plural}}/{{name}}", get_namespaced)
@@ -89,10 +92,9 @@ class WireCache:
     a few: this is what keeps a list of 10,000 runs under 150 ms.
     """
 
-    def __init__(self, *, minimum_capacity: int = 1000) -> None:
-        # Per kind: uid -> (resource_version, JSON).
+    def __init__(self) -> None:
+        # Per kind: uid -> (resource_version, JSON); deleted objects are forgotten by follow().
         self._entries: dict[str, dict[str | None, tuple[str | None, bytes]]] = {}
-        self._minimum_capacity = minimum_capacity
 
     def list_body(
         self, kind: type[Resource], items: list[Resource], resource_version: int
@@ -107,21 +109,68 @@ class WireCache:
             else _remember(entries, obj)
             for obj in items
         ]
-        # Deleted objects leave entries behind; once they could outnumber the live ones,
-        # start afresh (the next lists re-serialise what they need).
-        if len(entries) > 2 * max(len(items), self._minimum_capacity):
-            entries.clear()
         head = (
             f'{{"apiVersion":"{API_VERSION}","kind":"List",'
             f'"metadata":{{"resource_version":"{resource_version}"}},"items":['
         ).encode()
         return b"".join((head, b",".join(parts), b"]}"))
 
+    def remember(self, obj: Resource) -> None:
+        _remember(self._entries.setdefault(obj.kind, {}), obj)
+
+    def forget(self, obj: Resource) -> None:
+        self._entries.get(obj.kind, {}).pop(obj.metadata.uid, None)
+
+    async def follow(self, store: Store) -> None:
+        """Serialise every object as it is written, so no list request pays for it.
+
+        Objects written by the reconcilers (every run's status) would otherwise be serialised
+        by the first list after each change: 10,000 changed runs cost a list ~350 ms instead of
+        ~90 ms. Lists, then follows the store's watch; re-lists when the watch expires.
+        """
+        while True:
+            try:
+                since: int | None = None
+                for kind in KINDS.values():
+                    listed = await store.list(kind)
+                    since = (
+                        listed.resource_version
+                        if since is None
+                        else min(since, listed.resource_version)
+                    )
+                    for position, obj in enumerate(listed.items, start=1):
+                        self.remember(obj)
+                        if position % _WARM_CHUNK == 0:
+                            await asyncio.sleep(0)  # let requests in between chunks
+                async for event in store.watch(None, None, since or 0):
+                    if event.type == "DELETED":
+                        self.forget(event.object)
+                    else:
+                        self.remember(event.object)
+            except Gone:
+                continue
+
+
+# Objects serialised between yields to the event loop while warming the cache.
+_WARM_CHUNK = 200
+
 
 def _remember(entries: dict[str | None, tuple[str | None, bytes]], obj: Resource) -> bytes:
     encoded = _object_json(obj)
     entries[obj.metadata.uid] = (obj.metadata.resource_version, encoded)
     return encoded
+
+
+async def _keep_wire_cache_warm(app: web.Application) -> AsyncIterator[None]:
+    async def warm() -> None:
+        await app[READY].wait()
+        await app[WIRE_CACHE].follow(app[STORE])
+
+    task = asyncio.create_task(warm(), name="api-wire-cache")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 WIRE_CACHE = web.AppKey("wire_cache", WireCache)
