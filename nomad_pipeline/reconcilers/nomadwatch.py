@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,9 @@ def _newer(current: Mapping[str, Any] | None, candidate: Mapping[str, Any]) -> b
 
 
 # The fields whose change a run reacts to; other updates refresh the cache without a wake-up.
-_JOB_FIELDS = ("Status", "Stop", "Version")
+# A job's Status matters only on entering or leaving ``dead`` (a step ends when its job is
+# dead); ``pending`` → ``running`` changes nothing the run records.
+_JOB_FIELDS = ("Stop", "Version")
 _ALLOC_FIELDS = (
     "ClientStatus",
     "DesiredStatus",
@@ -62,6 +65,8 @@ _ALLOC_FIELDS = (
     "FollowupEvalID",
     "JobVersion",
 )
+# How many forgotten (finished) jobs are remembered so that their late events wake nobody.
+_RETIRED_JOBS = 4096
 
 
 def _differs(
@@ -70,6 +75,27 @@ def _differs(
     if previous is None:
         return True
     return any(previous.get(name) != current.get(name) for name in fields)
+
+
+def _job_changed(previous: Mapping[str, Any] | None, job: Mapping[str, Any]) -> bool:
+    if previous is None or _differs(previous, job, _JOB_FIELDS):
+        return True
+    return (previous.get("Status") == "dead") != (job.get("Status") == "dead")
+
+
+def _alloc_changed(
+    previous: Mapping[str, Any] | None, alloc: Mapping[str, Any], job: Mapping[str, Any] | None
+) -> bool:
+    status = alloc.get("ClientStatus")
+    if previous is None and status == "pending":
+        # A new allocation waiting to be placed or started changes nothing the run acts on
+        # (placement failures arrive as evaluations); it wakes the run once it runs or ends.
+        return False
+    if previous is not None and not _differs(previous, alloc, _ALLOC_FIELDS):
+        return False
+    # A step whose allocations completed ends when its job is dead (``outcomes.py``): until
+    # the job says so, the job's own event is the wake-up, whichever of the two comes first.
+    return status != "complete" or (job is not None and job.get("Status") == "dead")
 
 
 def owner_from_meta(job: Mapping[str, Any]) -> RunKey | None:
@@ -88,6 +114,11 @@ class JobCache:
         self._wake = wake
         self._jobs: dict[JobKey, JobObservation] = {}
         self._owners: dict[JobKey, RunKey] = {}
+        # The same relation by run, so a run's end costs its own jobs, not every tracked one.
+        self._owned: dict[RunKey, set[JobKey]] = {}
+        # Jobs forgotten because their step or run is over (bounded, oldest dropped): their
+        # late events (the job turning dead after its allocation ended) wake nobody.
+        self._retired: OrderedDict[JobKey, None] = OrderedDict()
         self.last_index = 0
         self.events_applied = 0
 
@@ -96,15 +127,33 @@ class JobCache:
 
     def track(self, key: JobKey, owner: RunKey) -> None:
         """Start caching ``key`` for ``owner``; events from now on are applied to it."""
+        previous = self._owners.get(key)
+        if previous is not None and previous != owner:
+            self._disown(key, previous)
         self._owners[key] = owner
+        self._owned.setdefault(owner, set()).add(key)
+        self._retired.pop(key, None)
         self._jobs.setdefault(key, JobObservation())
 
     def forget(self, key: JobKey) -> None:
-        self._owners.pop(key, None)
+        """Stop caching ``key``, whose step or run is over."""
+        owner = self._owners.pop(key, None)
+        if owner is not None:
+            self._disown(key, owner)
         self._jobs.pop(key, None)
+        self._retired[key] = None
+        if len(self._retired) > _RETIRED_JOBS:
+            self._retired.popitem(last=False)
+
+    def _disown(self, key: JobKey, owner: RunKey) -> None:
+        keys = self._owned.get(owner)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._owned[owner]
 
     def forget_owner(self, owner: RunKey) -> None:
-        for key in [k for k, o in self._owners.items() if o == owner]:
+        for key in list(self._owned.get(owner, ())):
             self.forget(key)
 
     def get(self, key: JobKey) -> JobObservation | None:
@@ -154,9 +203,10 @@ class JobCache:
 
     def invalidate_owner(self, owner: RunKey) -> None:
         """Distrust the entries of one run (its next read goes to Nomad)."""
-        for key, observed_owner in self._owners.items():
-            if observed_owner == owner and key in self._jobs:
-                self._jobs[key].filled = False
+        for key in self._owned.get(owner, ()):
+            observation = self._jobs.get(key)
+            if observation is not None:
+                observation.filled = False
 
     def invalidate(self) -> list[RunKey]:
         """Distrust every entry (the stream broke); returns the owners to reconcile again."""
@@ -186,6 +236,8 @@ class JobCache:
             key = (job.get("Namespace") or namespace, job.get("ID") or event.get("Key") or "")
             observation = self._jobs.get(key)
             if observation is None:
+                if key in self._retired:
+                    return None
                 # Not tracked (a restarted controller has not read this run yet): wake the run
                 # its Meta names, which reads Nomad itself.
                 return owner_from_meta(job)
@@ -199,7 +251,7 @@ class JobCache:
             previous = observation.job
             observation.job = job
             observation.missing = False
-            return self._owners.get(key) if _differs(previous, job, _JOB_FIELDS) else None
+            return self._owners.get(key) if _job_changed(previous, job) else None
         if topic == "Allocation":
             alloc = payload.get("Allocation") or {}
             key = (alloc.get("Namespace") or namespace, alloc.get("JobID") or "")
@@ -213,7 +265,8 @@ class JobCache:
                 return None
             observation.allocations[alloc_id] = alloc
             # Task events inside a pending allocation change nothing the run acts on.
-            return self._owners.get(key) if _differs(previous, alloc, _ALLOC_FIELDS) else None
+            changed = _alloc_changed(previous, alloc, observation.job)
+            return self._owners.get(key) if changed else None
         if topic == "Evaluation":
             evaluation = payload.get("Evaluation") or {}
             key = (evaluation.get("Namespace") or namespace, evaluation.get("JobID") or "")

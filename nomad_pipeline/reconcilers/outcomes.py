@@ -104,7 +104,13 @@ def _failure_message(alloc: NomadObject) -> tuple[str, int | None]:
             continue
         exit_code = _exit_code(state)
         parts = []
-        for event_type in ("Terminated", "Not Restarting", "Driver Failure", "Setup Failure"):
+        for event_type in (
+            "Failed Artifact Download",
+            "Terminated",
+            "Not Restarting",
+            "Driver Failure",
+            "Setup Failure",
+        ):
             event = _last_event(state, event_type)
             if event is not None:
                 text = event.get("DisplayMessage") or event.get("Message") or ""

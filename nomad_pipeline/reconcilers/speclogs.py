@@ -8,9 +8,12 @@ until the stream has been quiet for ``drain_quiet`` seconds (Nomad batches outpu
 and hangs up.
 
 A restarted controller resumes where the file ends: for each allocation the copier remembers,
-in ``.copy-offsets.json`` beside the log files, how long the file was when that allocation's
-copy began (earlier attempts of the step wrote before it), so Nomad's ``offset`` is the file's
-length minus that base and nothing is copied twice.
+in ``.copy-offsets.json`` beside the log files, how long the files were before that allocation
+wrote to them (earlier attempts of the step wrote before it), so Nomad's ``offset`` is the
+file's length minus that base and nothing is copied twice. The record is written just before
+the allocation's first chunk is appended, not when its copy starts: an allocation without a
+record has appended nothing, so it resumes from offset 0, and a step that prints nothing (most
+steps of a busy pipeline) costs no file writes at all.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class _Copy:
     source: LogSource
     done: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Whether this allocation's bases are in the offsets file; the lock makes the first chunks
+    # of both streams record them once, before either is appended.
+    recorded: bool = False
+    recording: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class LogCopier:
@@ -141,26 +148,42 @@ class LogCopier:
         async with asyncio.TaskGroup() as streams:
             for stream in STREAMS:
                 streams.create_task(
-                    self._copy(copy, stream, paths[stream], offsets[stream]),
+                    self._copy(copy, paths, stream, offsets[stream]),
                     name=f"logs-{source.run}-{source.step}-{stream}",
                 )
 
-    async def _copy(self, copy: _Copy, stream: Stream, path: Path, offset: int) -> None:
+    async def _append(
+        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, chunk: bytes
+    ) -> None:
+        """Append one chunk, recording the allocation's bases first (module docstring)."""
+        source = copy.source
+        if not copy.recorded:
+            async with copy.recording:
+                if not copy.recorded:
+                    await asyncio.to_thread(_record_bases, paths, source.alloc_id)
+                    copy.recorded = True
+        await self._logs.append(source.namespace, source.run, source.step, stream, chunk)
+
+    async def _copy(
+        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, offset: int
+    ) -> None:
         source = copy.source
         delay = _NOT_STARTED_RETRY_SECONDS
         first = True
         while True:
             if not first:
-                offsets = await asyncio.to_thread(_resume_offsets, {stream: path}, source.alloc_id)
+                offsets = await asyncio.to_thread(
+                    _resume_offsets, {stream: paths[stream]}, source.alloc_id
+                )
                 offset = offsets[stream]
             first = False
             try:
                 if copy.done.is_set():
                     # Terminal already: everything is written, a plain read ends at the end.
-                    await self._read_to_end(copy, stream, offset)
+                    await self._read_to_end(copy, paths, stream, offset)
                     finished = True
                 else:
-                    finished = await self._follow(copy, stream, offset)
+                    finished = await self._follow(copy, paths, stream, offset)
             except asyncio.CancelledError:
                 raise
             except NotFound:
@@ -181,7 +204,9 @@ class LogCopier:
             await _wait_or(copy.done, delay)
             delay = min(delay * 2, _RETRY_CAP_SECONDS)
 
-    async def _read_to_end(self, copy: _Copy, stream: Stream, offset: int) -> None:
+    async def _read_to_end(
+        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, offset: int
+    ) -> None:
         source = copy.source
         self.requests += 1
         async for chunk in self._nomad.stream_logs(
@@ -192,9 +217,11 @@ class LogCopier:
             offset=offset,
             follow=False,
         ):
-            await self._logs.append(source.namespace, source.run, source.step, stream, chunk)
+            await self._append(copy, paths, stream, chunk)
 
-    async def _follow(self, copy: _Copy, stream: Stream, offset: int) -> bool:
+    async def _follow(
+        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, offset: int
+    ) -> bool:
         """Copy until drained after the allocation ended (True) or the stream ended (False).
 
         A pump task reads Nomad's stream into a queue, so waiting for "more data or the end of
@@ -245,7 +272,7 @@ class LogCopier:
                 if chunk is None:
                     await pump_task  # raises what broke the stream, if anything did
                     return copy.done.is_set()
-                await self._logs.append(source.namespace, source.run, source.step, stream, chunk)
+                await self._append(copy, paths, stream, chunk)
         finally:
             pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, NomadPipelineError):
@@ -263,22 +290,42 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         logger.error("marking a step's logs finished failed", exc_info=task.exception())
 
 
+def _read_offsets(offsets_path: Path) -> dict[str, dict[str, int]]:
+    try:
+        offsets: dict[str, dict[str, int]] = json.loads(offsets_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return offsets
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _resume_offsets(paths: dict[Stream, Path], alloc_id: str) -> dict[Stream, int]:
     """Where Nomad's streams of ``alloc_id`` resume: each file's length minus the length it had
-    when this allocation's copy began (recorded on first sight, in one write)."""
-    sizes = {stream: path.stat().st_size if path.exists() else 0 for stream, path in paths.items()}
+    before this allocation's first chunk; 0 for an allocation that appended nothing yet."""
+    bases = _read_offsets(next(iter(paths.values())).parent / OFFSETS_FILE).get(alloc_id)
+    if bases is None:
+        return dict.fromkeys(paths, 0)
+    return {
+        stream: max(0, _file_size(path) - int(bases.get(stream, 0)))
+        for stream, path in paths.items()
+    }
+
+
+def _record_bases(paths: dict[Stream, Path], alloc_id: str) -> None:
+    """Record the files' lengths as ``alloc_id``'s bases (before it appends anything), in one
+    atomic replace of the offsets file."""
     offsets_path = next(iter(paths.values())).parent / OFFSETS_FILE
-    try:
-        offsets = json.loads(offsets_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        offsets = {}
-    bases = offsets.setdefault(alloc_id, {})
-    missing = [stream for stream in paths if stream not in bases]
-    if missing:
-        for stream in missing:
-            bases[stream] = sizes[stream]
-        offsets_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = offsets_path.with_name(f"{OFFSETS_FILE}.{alloc_id}.tmp")
-        temporary.write_text(json.dumps(offsets))
-        temporary.replace(offsets_path)
-    return {stream: max(0, sizes[stream] - int(bases[stream])) for stream in paths}
+    offsets = _read_offsets(offsets_path)
+    if alloc_id in offsets:
+        return
+    offsets[alloc_id] = {stream: _file_size(path) for stream, path in paths.items()}
+    offsets_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = offsets_path.with_name(f"{OFFSETS_FILE}.{alloc_id}.tmp")
+    temporary.write_text(json.dumps(offsets))
+    temporary.replace(offsets_path)

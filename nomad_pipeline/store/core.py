@@ -4,15 +4,21 @@ Both backends keep every object in memory as a parsed model (the memory store as
 the nomad-vars store as a cache of Nomad) and differ only in how a write is made durable
 (:meth:`CachingStore._persist` / :meth:`CachingStore._erase`).
 
-Objects handed out by a store are shared, never copied per read: treat them as immutable and
-derive changed ones with ``obj.model_copy(update=...)`` (or ``model_copy(deep=True)`` before
-editing nested values). A store deep-copies what it is given on every write, so a caller may keep
-editing its own object after ``create``/``update`` without touching the stored one.
+Models are treated as immutable, both ways:
+
+- objects handed out by a store are shared, never copied per read: derive changed ones with
+  ``obj.model_copy(update=...)`` (or ``model_copy(deep=True)`` before editing nested values);
+- objects passed to a write must not be mutated afterwards. ``create`` copies the whole new
+  object (once per object) and ``update`` the spec it takes; ``update_status``, the per-step
+  hot path, copies nothing: the stored object shares the caller's status, and the spec and
+  metadata of the current object (a Run carries its flow's whole spec, which a deep copy per
+  status write would duplicate on every step).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -68,6 +74,13 @@ def storage_wire(obj: Resource) -> dict[str, Any]:
     if not obj.metadata.namespace:
         metadata.pop("namespace", None)
     return wire
+
+
+def storage_json(obj: Resource) -> str:
+    """:func:`storage_wire` as compact JSON text, serialised in one pass by pydantic (about
+    three times cheaper than building the dict and encoding it with :mod:`json`)."""
+    excluded = {"resource_version"} if obj.metadata.namespace else {"resource_version", "namespace"}
+    return obj.model_dump_json(by_alias=True, exclude_none=True, exclude={"metadata": excluded})
 
 
 def from_storage_wire(kind: type[R], wire: Mapping[str, Any], resource_version: int) -> R:
@@ -135,6 +148,8 @@ def prepare_create(obj: R, *, namespace: str, now: datetime) -> R:
             "creation_timestamp": now,
         },
     )
+    # A create writes every part of the object, so every part is copied (once per object, off
+    # the per-step path): the caller may keep editing its own.
     return obj.model_copy(deep=True, update={"metadata": metadata})
 
 
@@ -158,8 +173,8 @@ def prepare_update(obj: R, current: R) -> R | None:
             "generation": current.metadata.generation + (1 if spec_changed else 0),
         }
     )
-    updated = obj.model_copy(deep=True, update={"metadata": metadata})
-    return updated.model_copy(update={"status": current.status})
+    # The spec is what this write takes from ``obj``: copied; the status stays ``current``'s.
+    return current.model_copy(update={"metadata": metadata, "spec": copy.deepcopy(obj.spec)})
 
 
 def prepare_status_update(obj: R, current: R) -> R | None:
@@ -167,8 +182,11 @@ def prepare_status_update(obj: R, current: R) -> R | None:
     check_version(current, obj.metadata.resource_version)
     if obj.status == current.status:
         return None
-    status = obj.model_copy(deep=True).status
-    return current.model_copy(update={"status": status})
+    # Only the status is written, so only the status is copied; spec and metadata stay shared
+    # with ``current`` (immutable by the module's rule).
+    # Shared, not copied: the caller does not mutate what it passed (module docstring), and a
+    # deep copy of every status write was most of a run step's store cost.
+    return current.model_copy(update={"status": obj.status})
 
 
 def with_version(obj: R, resource_version: int) -> R:
@@ -494,6 +512,7 @@ __all__ = [
     "prepare_status_update",
     "prepare_update",
     "scoped_namespace",
+    "storage_json",
     "storage_wire",
     "utc_now",
     "with_version",

@@ -14,9 +14,11 @@ Semantics follow the Kubernetes API server:
 - An update that changes nothing (same spec, labels and annotations; or the same status) writes
   nothing and returns the stored object with its unchanged resource_version.
 
-Objects returned by a store are shared with it, not copies: never mutate them; derive a changed
-object with ``obj.model_copy(update=...)`` (``deep=True`` before editing nested values). Objects
-passed to ``create``/``update``/``update_status`` are copied, so callers may keep using them.
+Models are immutable by convention. Objects returned by a store are shared with it, not copies:
+never mutate them; derive a changed object with ``obj.model_copy(update=...)`` (``deep=True``
+before editing nested values). Objects passed to ``create``/``update``/``update_status`` must not
+be mutated afterwards either: ``create`` copies the whole object and ``update`` the spec it
+takes, but ``update_status`` shares the given status with the stored object (no copy per write).
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -38,7 +37,7 @@ from nomad_pipeline.store.core import (
     StaleCache,
     describe_object,
     from_storage_json,
-    storage_wire,
+    storage_json,
     utc_now,
 )
 
@@ -109,6 +108,10 @@ class NomadVarsStore(CachingStore):
         # Paths we deleted, with the delete's index: an older copy fetched by a sync that raced
         # the delete must not bring the object back.
         self._tombstones: dict[str, int] = {}
+        # Paths with one of our writes in flight: a sync pass that lists such a write before its
+        # answer is recorded must not fetch and re-parse it (the writer records it at once; a
+        # write that lost to another writer's gets a 409, which refreshes the path).
+        self._writing: dict[str, int] = {}
         self._follower: asyncio.Task[None] | None = None
         # Signalled after every sync pass, so callers (tests, readiness) can wait for the cache.
         self.synced_index = 0
@@ -134,7 +137,7 @@ class NomadVarsStore(CachingStore):
         return path
 
     def _items(self, obj: Resource) -> dict[str, str]:
-        text = json.dumps(storage_wire(obj), separators=(",", ":"), ensure_ascii=False)
+        text = storage_json(obj)
         size = len(OBJECT_ITEM) + len(text.encode())
         if size > MAX_VARIABLE_BYTES:
             raise TooLarge(
@@ -169,15 +172,27 @@ class NomadVarsStore(CachingStore):
         path = self.variable_path(obj)
         items = self._items(obj)
         cas = 0 if current is None else int(current.metadata.resource_version or 0)
+        self._writing[path] = self._writing.get(path, 0) + 1
         try:
             variable = await self._client.put_variable(
                 path, items, namespace=self._namespace, cas=cas
             )
         except VariableConflict as conflict:
+            self._done_writing(path)
             await self._refresh(path, conflict.current)
             raise StaleCache(path) from conflict
+        except BaseException:
+            self._done_writing(path)
+            raise
+        # The caller records the write as soon as this returns, without awaiting in between.
+        self._done_writing(path)
         self._keys[path] = (obj.kind, obj.metadata.namespace, obj.metadata.name)
         return int(variable["ModifyIndex"])
+
+    def _done_writing(self, path: str) -> None:
+        remaining = self._writing.pop(path, 1) - 1
+        if remaining:
+            self._writing[path] = remaining
 
     async def _erase(self, current: Resource) -> int:
         path = self.variable_path(current)
@@ -296,6 +311,7 @@ class NomadVarsStore(CachingStore):
             for path, modify_index in listed.items()
             if modify_index > self._cached_version(path)
             and modify_index > self._tombstones.get(path, 0)
+            and path not in self._writing
         ]
         for variable in await self._fetch_all(changed):
             self._apply(variable)

@@ -49,7 +49,20 @@ def test_task_events_of_a_pending_allocation_do_not_wake_the_run() -> None:
     cache.fill(KEY, {"ID": KEY[1], "Status": "running", "ModifyIndex": 3}, [], None)
     cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "pending")]})
     cache.apply({"Index": 5, "Events": [alloc_event("a1", 5, "pending")]})
+    # Nothing for the run to do until the allocation runs (placement failures are evaluations).
+    assert woken == []
+    cache.apply({"Index": 6, "Events": [alloc_event("a1", 6, "running")]})
     assert woken == [OWNER]
+
+
+def test_a_finished_jobs_late_events_wake_nobody() -> None:
+    cache, woken = make_cache()
+    cache.track(KEY, OWNER)
+    cache.fill(KEY, {"ID": KEY[1], "Status": "running", "ModifyIndex": 3}, [], None)
+    cache.forget(KEY)
+    cache.apply({"Index": 7, "Events": [job_event(7, "dead")]})
+    assert woken == []
+    assert cache.get(KEY) is None
 
 
 def test_untracked_jobs_are_not_cached_but_wake_their_owner_by_meta() -> None:

@@ -70,9 +70,8 @@ async def test_hostile_variable_in_an_inline_flow(stack: Stack) -> None:
         run = await stack.wait_run(run_id)
         assert run.status.phase == "success", run.status
         for step, expected in (
-            # The runner turns ${var.msg} into an unquoted ${NP_VAR_MSG}: the shell splits the
-            # value into words, but never runs any of it.
-            ("tpl", "".join(f"{word}\n" for word in value.split())),
+            # The runner turns ${var.msg} into "${NP_VAR_MSG}": one word, never run.
+            ("tpl", f"{value}\n"),
             ("quoted", f"said: {value}\n"),
             ("env", f"{value}\n"),
         ):
