@@ -108,4 +108,18 @@ def check_run_variables(flow_spec: FlowSpec, given: Mapping[str, Any]) -> dict[s
     for name, value in given.items():
         if name not in declared:
             result[name] = value
+    for name, value in result.items():
+        if _holds_nul(value):
+            # Values reach steps as environment variables, which cannot carry a NUL byte.
+            raise Invalid(f"variable {name!r} contains a NUL character", field=f"variables.{name}")
     return result
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False

@@ -71,3 +71,21 @@ def test_refused_with_the_variable_named(given: dict[str, Any], field: str, mess
         check_run_variables(SPEC, given)
     assert caught.value.field == field
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "value", ["a\x00b", ["ok", "x\x00"], {"k": "v\x00"}], ids=["string", "list", "map"]
+)
+def test_nul_characters_are_refused_naming_the_variable(value: object) -> None:
+    spec = FlowSpec.model_validate(
+        {
+            "variables": [{"name": "v", "type": "string"}],
+            "inline": {"steps": [{"name": "a", "run": "true"}]},
+        }
+    )
+    given = {"v": value} if isinstance(value, str) else {"trigger.v": value}
+    field = "variables.v" if isinstance(value, str) else "variables.trigger.v"
+    with pytest.raises(Invalid) as raised:
+        check_run_variables(spec, given)
+    assert raised.value.field == field
+    assert "NUL" in raised.value.message
