@@ -12,9 +12,18 @@ store, run controller) runs in this process so its CPU time and counters can be 
   streams from) note when each line arrives;
 - store writes per step (run status writes) and Nomad requests per step (every HTTP request the
   run controller sent to Nomad: registers, reads, log streams; the store's own requests are not
-  counted, they are the store writes).
+  counted, they are the store writes);
+- what the controller waited on: mean latency of a status write (a Nomad variable PUT) and of a
+  job register, the dev agent's own CPU per step (its process, and the steps' tasks it ran),
+  and the machine's load average, since the agent, the controller and whatever else runs on the
+  machine share its cores.
 
-Usage: ``.venv/bin/python bench/runs.py [--runs 100] [--steps 5]``.
+A run of S steps makes S + 1 status writes: the run's start carries step 1's job ID, each of the
+S - 1 transitions ends one step and records the next one's job ID (exactly-once registration:
+the ID is stored before the job is registered), the run's end carries the last step's end.
+
+Usage: ``.venv/bin/python bench/runs.py [--runs 1 10 100] [--steps 5]`` (each count in turn,
+each with a fresh dev agent).
 """
 
 from __future__ import annotations
@@ -114,13 +123,24 @@ async def bench(runs: int, steps: int, backend: str) -> None:
         )
         try:
             await wait_ready(nomad_address)
-            await measure(nomad_address, Path(scratch), runs, steps, backend)
+            await measure(nomad_address, Path(scratch), runs, steps, backend, agent.pid)
         finally:
             agent.send_signal(signal.SIGTERM)
             await agent.wait()
 
 
-async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, backend: str) -> None:
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process itself and of its children it has waited for (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # After the ")" ending the command name: state is field 0, utime/stime 11/12,
+    # cutime/cstime 13/14.
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+async def measure(
+    nomad_address: str, scratch: Path, runs: int, steps: int, backend: str, agent_pid: int
+) -> None:
     requests = 0
 
     async def count(_session: Any, _context: Any, _params: Any) -> None:
@@ -161,7 +181,12 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         )
         await store.create(flow)
         requests_before = requests
-        writes_before = built.reconciler.stats.status_writes
+        stats = built.reconciler.stats
+        writes_before = stats.status_writes
+        write_seconds_before = stats.status_write_seconds
+        registers_before, register_seconds_before = stats.registrations, stats.register_seconds
+        load_before = os.getloadavg()
+        agent_before, tasks_before = process_cpu_seconds(agent_pid)
         cpu_before = time.process_time()
         wall_before = time.perf_counter()
         names = [new_ulid() for _ in range(runs)]
@@ -179,8 +204,13 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         finished = await wait_finished(store, names)
         wall = time.perf_counter() - wall_before
         cpu = time.process_time() - cpu_before
+        agent_after, tasks_after = process_cpu_seconds(agent_pid)
+        load_after = os.getloadavg()
         total_steps = runs * steps
-        writes = built.reconciler.stats.status_writes - writes_before
+        writes = stats.status_writes - writes_before
+        write_seconds = stats.status_write_seconds - write_seconds_before
+        registers = stats.registrations - registers_before
+        register_seconds = stats.register_seconds - register_seconds_before
         nomad_requests = requests - requests_before
         overheads = await transition_overheads(nomad, finished)
         log_latencies = await measure_log_latency(store, built.logs, min(runs, 20))
@@ -201,14 +231,36 @@ async def measure(nomad_address: str, scratch: Path, runs: int, steps: int, back
         f"({len(overheads)} transitions)"
     )
     print(f"controller CPU per step: {cpu / total_steps * 1000:.2f} ms ({cpu:.2f} s total)")
+    agent_cpu, tasks_cpu = agent_after - agent_before, tasks_after - tasks_before
+    print(
+        f"dev agent CPU per step: {agent_cpu / total_steps * 1000:.2f} ms "
+        f"(+ {tasks_cpu / total_steps * 1000:.2f} ms in the steps' tasks), same cores"
+    )
+    print(
+        f"load average (1 min) before/after: {load_before[0]:.2f}/{load_after[0]:.2f} "
+        f"on {os.cpu_count()} cores"
+    )
+    print(
+        f"waited on per status write: {write_seconds / max(writes, 1) * 1000:.1f} ms, "
+        f"per job register: {register_seconds / max(registers, 1) * 1000:.1f} ms (means)"
+    )
+    if runs > 1:
+        # Runs started together finish their steps together: one event loop (one core) works
+        # through the burst of transitions one after the other.
+        print(
+            f"burst floor: {runs} simultaneous transitions x {cpu / total_steps * 1000:.2f} ms "
+            f"of controller CPU = {runs * cpu / total_steps * 1000:.0f} ms for the last of them"
+        )
     print(
         "log line latency (printed by a step -> handed to a follower of the log store): "
         f"p50 {percentile(log_latencies, 0.5) * 1000:.1f} ms, "
         f"p99 {percentile(log_latencies, 0.99) * 1000:.1f} ms ({len(log_latencies)} lines)"
     )
-    print(f"store writes per step: {writes / total_steps:.2f} ({writes} total)")
+    print(
+        f"store writes per step: {writes / total_steps:.2f} ({writes} total; per run "
+        f"{writes / runs:.2f} = start + {steps - 1} transitions + end)"
+    )
     print(f"Nomad requests per step: {nomad_requests / total_steps:.2f} ({nomad_requests} total)")
-    stats = built.reconciler.stats
     print(
         f"reconciles: {stats.reconciles}, failed reconciles (retried): "
         f"{built.controller.errors}, registrations: {stats.registrations}"
@@ -302,7 +354,9 @@ async def transition_overheads(nomad: NomadClient, runs: list[Run]) -> list[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument(
+        "--runs", type=int, nargs="+", default=[100], help="concurrent runs (several: each in turn)"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
         "--store",
@@ -311,7 +365,9 @@ def main() -> None:
         help="where runs are stored (nomad-vars: on the dev agent, as `nomad-pipeline dev`)",
     )
     args = parser.parse_args()
-    asyncio.run(bench(args.runs, args.steps, args.store))
+    for runs in args.runs:
+        asyncio.run(bench(runs, args.steps, args.store))
+        print()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Collection, Sequence
 
 from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, NomadPipelineError, NotFound
-from nomad_pipeline.resources.kinds import Flow, Namespace
+from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Namespace, Run
 from nomad_pipeline.resources.meta import Resource
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
@@ -64,8 +64,17 @@ def check_flow(flow: Flow) -> None:
             )
 
 
-async def check_deletable(store: Store, kind: type[Resource], name: str) -> None:
-    """Refuse to delete ``default`` or a namespace that still holds objects."""
+async def check_deletable(store: Store, kind: type[Resource], namespace: str, name: str) -> None:
+    """Refuse to delete ``default``, a namespace that still holds objects, or a run that has
+    not finished (its Nomad jobs would keep running with nothing left to stop them)."""
+    if issubclass(kind, Run):
+        run = await store.get(Run, namespace, name)
+        if run.status.phase not in TERMINAL_PHASES:
+            raise Conflict(
+                f"run {namespace}/{name} is {run.status.phase}: cancel it first "
+                f"(nomad-pipeline cancel {name} -n {namespace}), then delete it"
+            )
+        return
     if not issubclass(kind, Namespace):
         return
     if name == DEFAULT_NAMESPACE:

@@ -78,6 +78,11 @@ async def test_every_kind_round_trips_through_apply_get_list_delete(api: Api) ->
             sent["kind"], "gitrepositories"
         )
         path = f"{API}/namespaces/team-a/{plural}/{sent['metadata']['name']}"
+        if sent["kind"] == "Run":
+            status, refused = await api.call("DELETE", path)
+            assert status == 409, refused
+            assert "cancel it first" in refused["error"]["message"]
+            await api.finish_run("team-a", sent["metadata"]["name"])
         status, deleted = await api.call("DELETE", path)
         assert status == 200, deleted
         assert deleted["metadata"]["name"] == sent["metadata"]["name"]

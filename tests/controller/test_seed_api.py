@@ -220,6 +220,9 @@ async def test_runs_list_get_delete_in_seed_shape(api: Api) -> None:
         }
     ]
     status, body = await api.call("DELETE", "/v1/runs/01j00000000000000000000001")
+    assert status == 409, "an unfinished run keeps its Nomad jobs: it must be cancelled first"
+    await api.finish_run("default", "01j00000000000000000000001")
+    status, body = await api.call("DELETE", "/v1/runs/01j00000000000000000000001")
     assert (status, body) == (200, {})
     status, _ = await api.call("GET", "/v1/runs/01j00000000000000000000001")
     assert status == 404

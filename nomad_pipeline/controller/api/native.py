@@ -267,7 +267,7 @@ async def _delete(
     store = request.app[STORE]
 
     async def delete() -> Resource:
-        await admission.check_deletable(store, kind, name)
+        await admission.check_deletable(store, kind, namespace, name)
         return await store.delete(kind, namespace, name, None if version is None else str(version))
 
     deleted = await shielded(request.app, delete())

@@ -172,6 +172,7 @@ async def _delete(request: web.Request, kind: type[Resource]) -> web.Response:
     store = request.app[STORE]
 
     async def delete() -> None:
+        await admission.check_deletable(store, kind, namespace or "", name)
         await store.delete(kind, namespace or "", name)
 
     await shielded(request.app, delete())
@@ -220,7 +221,7 @@ async def delete_namespace(request: web.Request) -> web.Response:
     store = request.app[STORE]
 
     async def delete() -> None:
-        await admission.check_deletable(store, Namespace, name)
+        await admission.check_deletable(store, Namespace, "", name)
         await store.delete(Namespace, "", name)
 
     await shielded(request.app, delete())
