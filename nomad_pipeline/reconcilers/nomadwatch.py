@@ -55,9 +55,6 @@ def _newer(current: Mapping[str, Any] | None, candidate: Mapping[str, Any]) -> b
 
 
 # The fields whose change a run reacts to; other updates refresh the cache without a wake-up.
-# A job's Status matters only on entering or leaving ``dead`` (a step ends when its job is
-# dead); ``pending`` → ``running`` changes nothing the run records.
-_JOB_FIELDS = ("Stop", "Version")
 _ALLOC_FIELDS = (
     "ClientStatus",
     "DesiredStatus",
@@ -78,9 +75,21 @@ def _differs(
 
 
 def _job_changed(previous: Mapping[str, Any] | None, job: Mapping[str, Any]) -> bool:
-    if previous is None or _differs(previous, job, _JOB_FIELDS):
-        return True
-    return (previous.get("Status") == "dead") != (job.get("Status") == "dead")
+    """Whether the run acts on the change: a stop, a new version, or the job entering or
+    leaving ``dead`` (a step ends when its job is dead; ``pending`` → ``running`` changes
+    nothing the run records). Absent Stop/Version (the entry :meth:`JobCache.registered` made
+    from our own jobspec) read as Nomad's defaults, so the job's first event is no change.
+
+    A tracked job not yet filled (``previous`` None: its register or first read is in flight)
+    compares against those defaults too: the reconcile that tracked it reads the cache after
+    that call returns, so it sees what this event brought.
+    """
+    previous = previous or {}
+    return (
+        bool(previous.get("Stop")) != bool(job.get("Stop"))
+        or (previous.get("Version") or 0) != (job.get("Version") or 0)
+        or (previous.get("Status") == "dead") != (job.get("Status") == "dead")
+    )
 
 
 def _alloc_changed(

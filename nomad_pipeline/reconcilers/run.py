@@ -199,9 +199,9 @@ class RunReconciler:
         self._flow_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # When a runner's allocation was first seen ended with steps unreported (grace period).
         self._runner_ended: dict[RunKey, float] = {}
-        # The resource version of each run's last status write by this reconciler: the store
-        # watch event of that write needs no reconcile (see ``requests_for``).
-        self._written: dict[RunKey, str | None] = {}
+        # The resource version of each run's last status write by this reconciler (kept until
+        # the run is deleted): store watch events up to it need no reconcile (``requests_for``).
+        self._written: dict[RunKey, int] = {}
         # When each run last re-read Nomad in full (loop time), for the resync safety net.
         self._last_full_read: dict[RunKey, float] = {}
         self.stats = RunStats()
@@ -209,12 +209,18 @@ class RunReconciler:
     # ---- entry point -------------------------------------------------------------------------
 
     def requests_for(self, obj: Resource) -> list[Request]:
-        """The store watch's mapping: a Run event reconciles that run, unless the event is
-        this reconciler's own status write (it already acted on everything it wrote)."""
+        """The store watch's mapping: a Run event reconciles that run, unless this reconciler
+        has already acted on it.
+
+        A status write succeeds only on the version its reconcile read, so that reconcile saw
+        every change before its own write: an event at or below the run's last written version
+        is the write itself or older (the watch may deliver it after a later write, or after
+        the run finished), and needs no reconcile.
+        """
         key = (obj.metadata.namespace, obj.metadata.name)
-        if obj.metadata.resource_version is not None and (
-            self._written.get(key) == obj.metadata.resource_version
-        ):
+        version = obj.metadata.resource_version
+        written = self._written.get(key)
+        if version is not None and written is not None and int(version) <= written:
             return []
         return [Request(RUN_KIND, *key)]
 
@@ -289,7 +295,7 @@ class RunReconciler:
             run = await self._store.update_status(updated)
             self.stats.status_write_seconds += loop.time() - started
             work.run = run
-            self._written[work.key] = run.metadata.resource_version
+            self._written[work.key] = int(run.metadata.resource_version or 0)
         for registration in work.registrations:
             await self._register(work, registration)
         for job_key in work.finished_jobs:
@@ -473,7 +479,6 @@ class RunReconciler:
         """Wake what a finished run unblocks: queued runs and retention of older ones."""
         key = (run.metadata.namespace, run.metadata.name)
         self._cache.forget_owner(key)
-        self._written.pop(key, None)
         self._runner_ended.pop(key, None)
         self._last_full_read.pop(key, None)
         spec = run.spec.flow_spec

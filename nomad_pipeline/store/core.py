@@ -182,8 +182,6 @@ def prepare_status_update(obj: R, current: R) -> R | None:
     check_version(current, obj.metadata.resource_version)
     if obj.status == current.status:
         return None
-    # Only the status is written, so only the status is copied; spec and metadata stay shared
-    # with ``current`` (immutable by the module's rule).
     # Shared, not copied: the caller does not mutate what it passed (module docstring), and a
     # deep copy of every status write was most of a run step's store cost.
     return current.model_copy(update={"status": obj.status})

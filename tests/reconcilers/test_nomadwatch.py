@@ -138,3 +138,24 @@ def test_purged_job_reads_missing_and_forget_drops_it() -> None:
     cache.forget_owner(OWNER)
     assert cache.get(KEY) is None
     assert len(cache) == 0
+
+
+def test_a_completed_allocation_wakes_the_run_with_its_job_dead_in_either_order() -> None:
+    cache, woken = make_cache()
+    cache.track(KEY, OWNER)
+    cache.registered(KEY, {"ID": KEY[1], "TaskGroups": []}, "eval-1")
+    cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "running")]})
+    cache.apply({"Index": 5, "Events": [job_event(5, "running")]})
+    assert woken == [OWNER]
+    # The step ends when its job is dead: the completed allocation alone changes nothing yet.
+    cache.apply({"Index": 6, "Events": [alloc_event("a1", 6, "complete")]})
+    assert woken == [OWNER]
+    cache.apply({"Index": 7, "Events": [job_event(7, "dead")]})
+    assert woken == [OWNER, OWNER]
+
+    other, other_woken = make_cache()
+    other.track(KEY, OWNER)
+    other.registered(KEY, {"ID": KEY[1], "TaskGroups": []}, "eval-1")
+    other.apply({"Index": 7, "Events": [job_event(7, "dead")]})
+    other.apply({"Index": 8, "Events": [alloc_event("a1", 8, "complete")]})
+    assert other_woken == [OWNER, OWNER]
