@@ -150,9 +150,12 @@ async def measure(
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(count)
     async with (
-        aiohttp.ClientSession(trace_configs=[trace]) as traced,
+        # Without cookie jars, as the controller's own sessions (``new_session``).
+        aiohttp.ClientSession(trace_configs=[trace], cookie_jar=aiohttp.DummyCookieJar()) as traced,
         aiohttp.ClientSession(
-            trace_configs=[trace], connector=aiohttp.TCPConnector(limit=0)
+            trace_configs=[trace],
+            connector=aiohttp.TCPConnector(limit=0),
+            cookie_jar=aiohttp.DummyCookieJar(),
         ) as traced_logs,
         NomadClient(nomad_address) as store_nomad,
         NomadClient(nomad_address, session=traced) as nomad,

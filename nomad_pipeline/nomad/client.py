@@ -23,6 +23,7 @@ from typing import Any, Literal, Self
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import pydantic_core
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -118,6 +119,12 @@ class _Response:
     next_token: str = ""
 
 
+def new_session(connector: aiohttp.BaseConnector | None = None) -> aiohttp.ClientSession:
+    """A session for Nomad requests. Nomad sets no cookies, and the default cookie jar's
+    per-request bookkeeping is a measurable share of a request's CPU time."""
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+
 class NomadClient:
     """Async Nomad HTTP client. Use as ``async with NomadClient(addr) as nomad:`` or ``close()``.
 
@@ -158,7 +165,7 @@ class NomadClient:
     def _http(self) -> aiohttp.ClientSession:
         # Created on first use so the session binds to the running loop, not the constructor's.
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = new_session()
             self._owns_session = True
         return self._session
 
@@ -183,14 +190,18 @@ class NomadClient:
         client_timeout: aiohttp.ClientTimeout,
         raw: bool = False,
     ) -> _Response:
+        headers = self._headers
+        if body is not None:
+            # pydantic-core's serialiser is several times faster than aiohttp's json.dumps.
+            data = pydantic_core.to_json(body)
+            headers = {**headers, "Content-Type": "application/json"}
         try:
             async with self._http().request(
                 method,
                 self._url(path, params),
-                json=body,
                 data=data,
                 timeout=client_timeout,
-                headers=self._headers,
+                headers=headers,
             ) as response:
                 if response.status >= 400:
                     await _raise_for_status(response, method, path)
@@ -203,7 +214,9 @@ class NomadClient:
             ) from error
         if raw:
             return _Response(payload, index, next_token)
-        return _Response(json.loads(payload) if payload.strip() else None, index, next_token)
+        # pydantic-core's parser (jiter) decodes Nomad's large objects in about half the time.
+        body_value = pydantic_core.from_json(payload) if payload.strip() else None
+        return _Response(body_value, index, next_token)
 
     async def _read(
         self,
@@ -620,6 +633,18 @@ class NomadClient:
         body: bytes = response.body
         return body
 
+    async def list_files(
+        self, alloc_id: str, path: str, *, namespace: str = "default"
+    ) -> list[JSON]:
+        """The entries of a directory of the allocation (``alloc/logs``): ``Name``, ``IsDir``,
+        ``Size``, ``FileMode``, ``ModTime``."""
+        response = await self._read(
+            f"/v1/client/fs/ls/{quote(alloc_id, safe='')}",
+            namespace=namespace,
+            params=[("path", path)],
+        )
+        return [dict(entry) for entry in response.body or []]
+
     # ---- streams ---------------------------------------------------------------------------
 
     async def event_stream(
@@ -648,8 +673,10 @@ class NomadClient:
                     if not line.strip():
                         continue
                     try:
-                        batch = json.loads(line)
-                    except json.JSONDecodeError as error:
+                        # Allocation events carry whole allocations (with their job): decoding
+                        # them is the stream's main cost, and jiter halves it.
+                        batch = pydantic_core.from_json(line)
+                    except ValueError as error:
                         # A garbled line means a broken connection as far as we can tell:
                         # the caller reconnects and resumes by index.
                         raise NomadUnavailable(
@@ -771,5 +798,6 @@ __all__ = [
     "LogType",
     "NomadClient",
     "VariableConflict",
+    "new_session",
     "parse_duration",
 ]

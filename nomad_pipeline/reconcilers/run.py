@@ -292,10 +292,12 @@ class RunReconciler:
             self.stats.status_writes += 1
             loop = asyncio.get_running_loop()
             started = loop.time()
+            ended_steps = _newly_ended_steps(run.status, work.status)
             run = await self._store.update_status(updated)
             self.stats.status_write_seconds += loop.time() - started
             work.run = run
             self._written[work.key] = int(run.metadata.resource_version or 0)
+            self._steps_ended(run, ended_steps)
         for registration in work.registrations:
             await self._register(work, registration)
         for job_key in work.finished_jobs:
@@ -306,6 +308,14 @@ class RunReconciler:
         if run.status.phase == "running":
             work.requeue_in(self._settings.resync_interval)
         return Result(requeue_after=min(work.requeue) if work.requeue else None)
+
+    def _steps_ended(self, run: Run, steps: list[str]) -> None:
+        """Specification steps whose terminal phase is now stored: their copied logs end (an
+        inline run's step logs come from its runner, not from the copier)."""
+        if run.spec.flow_spec.specification is None:
+            return
+        for step in steps:
+            self._copier.step_ended(run.metadata.namespace, run.metadata.name, step)
 
     def _forget(self, key: RunKey) -> None:
         self._written.pop(key, None)
@@ -705,7 +715,9 @@ class RunReconciler:
             status.end_time = now
             status.message = text
         self.stats.status_writes += 1
-        await self._store.update_status(run.model_copy(update={"status": status}))
+        ended_steps = _newly_ended_steps(run.status, status)
+        written = await self._store.update_status(run.model_copy(update={"status": status}))
+        self._steps_ended(written, ended_steps)
         self._cache.forget(registration.key)
 
     async def _dispatch(self, parent: JobKey, identity: StepIdentity, owner: RunKey) -> JobKey:
@@ -963,6 +975,16 @@ def run_variables(run: Run) -> dict[str, Any]:
     defaults = {v.name: v.default for v in run.spec.flow_spec.variables if v.default is not None}
     given = {name: value for name, value in run.spec.variables.items() if value is not None}
     return {**defaults, **given}
+
+
+def _newly_ended_steps(before: RunStatus, after: RunStatus) -> list[str]:
+    """The steps terminal in ``after`` that were not in ``before``."""
+    already = {step.name for step in before.steps if step.phase in TERMINAL_PHASES}
+    return [
+        step.name
+        for step in after.steps
+        if step.phase in TERMINAL_PHASES and step.name not in already
+    ]
 
 
 def _plan_step(step: Any) -> PlanStep:

@@ -26,7 +26,7 @@ from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import watch_store
 from nomad_pipeline.controller.runnertoken import load_or_create_secret
 from nomad_pipeline.controller.runtime import Controller, Request, Runnable
-from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.nomad.client import NomadClient, new_session
 from nomad_pipeline.reconcilers.nomadwatch import JobCache, NomadEventSource, RunKey
 from nomad_pipeline.reconcilers.run import RUN_KIND, RunReconciler, RunSettings
 from nomad_pipeline.reconcilers.speclogs import LogCopier
@@ -150,7 +150,7 @@ def build_run_controller(
     # wait behind them, so they get a session of their own without a connection limit.
     owned_session = None
     if log_session is None:
-        owned_session = log_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        owned_session = log_session = new_session(aiohttp.TCPConnector(limit=0))
     log_nomad = NomadClient(nomad.address, nomad_token, session=log_session)
     copier = LogCopier(log_nomad, logs)
     reconciler = RunReconciler(

@@ -7,6 +7,11 @@ stream never ends by itself (nomad-api.md §6.1), so the run reconciler calls
 until the stream has been quiet for ``drain_quiet`` seconds (Nomad batches output over ~200 ms)
 and hangs up.
 
+A step's logs are marked finished (which ends ``logs -f`` followers) only once the step itself
+has ended *and* every copy of it has drained: a step with ``retries`` has one allocation per
+attempt, and the end of one attempt's copy says nothing about the next. The run reconciler
+calls :meth:`LogCopier.step_ended` when it writes the step's terminal phase.
+
 A restarted controller resumes where the file ends: for each allocation the copier remembers,
 in ``.copy-offsets.json`` beside the log files, how long the files were before that allocation
 wrote to them (earlier attempts of the step wrote before it), so Nomad's ``offset`` is the
@@ -74,6 +79,11 @@ class LogCopier:
         self._drain_quiet = drain_quiet
         self._drain_max = drain_max
         self._copies: dict[tuple[str, str, str, str], _Copy] = {}
+        # The allocations being copied, by step.
+        self._step_allocations: dict[tuple[str, str, str], set[str]] = {}
+        # Steps that ended while some copy of theirs was still draining: marked finished when
+        # the last one is done.
+        self._ended_steps: set[tuple[str, str, str]] = set()
         # Tasks telling the log store a step's logs are complete (owned, awaited on close).
         self._marking: set[asyncio.Task[None]] = set()
         self.requests = 0
@@ -91,6 +101,7 @@ class LogCopier:
         if ended:
             copy.done.set()
         self._copies[key] = copy
+        self._step_allocations.setdefault(key[:3], set()).add(source.alloc_id)
         task = asyncio.create_task(
             self._copy_allocation(copy), name=f"logs-{source.run}-{source.step}"
         )
@@ -105,6 +116,18 @@ class LogCopier:
         copy = self._copies.get((namespace, run, step, alloc_id))
         if copy is not None:
             copy.done.set()
+
+    def step_ended(self, namespace: str, run: str, step: str) -> None:
+        """The step reached a terminal phase (no attempt follows): once its copies have
+        drained, its logs are marked finished."""
+        step_key = (namespace, run, step)
+        allocations = self._step_allocations.get(step_key)
+        if not allocations:
+            self._mark_finished(step_key)
+            return
+        for alloc_id in allocations:
+            self._copies[(*step_key, alloc_id)].done.set()
+        self._ended_steps.add(step_key)
 
     def stop_run(self, namespace: str, run: str) -> None:
         """Drain and stop every copy of a run (cancelled or deleted)."""
@@ -121,36 +144,80 @@ class LogCopier:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._copies.clear()
+        self._step_allocations.clear()
+        self._ended_steps.clear()
 
     def _finished(self, key: tuple[str, str, str, str], _task: asyncio.Task[None]) -> None:
         copy = self._copies.get(key)
-        if copy is not None and all(task.done() for task in copy.tasks):
-            del self._copies[key]
-            source = copy.source
-            # Followers of `logs -f` end once both streams are drained.
-            task = asyncio.create_task(
-                self._logs.mark_step_finished(source.namespace, source.run, source.step),
-                name=f"logs-finished-{source.run}-{source.step}",
-            )
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
-            task.add_done_callback(_log_failure)
+        if copy is None or not all(task.done() for task in copy.tasks):
+            return
+        del self._copies[key]
+        step_key = key[:3]
+        allocations = self._step_allocations.get(step_key, set())
+        allocations.discard(key[3])
+        if allocations:
+            return
+        self._step_allocations.pop(step_key, None)
+        if step_key in self._ended_steps:
+            self._ended_steps.discard(step_key)
+            self._mark_finished(step_key)
+
+    def _mark_finished(self, step_key: tuple[str, str, str]) -> None:
+        """Tell the log store the step logs no more, so followers of `logs -f` drain and end."""
+        namespace, run, step = step_key
+        task = asyncio.create_task(
+            self._logs.mark_step_finished(namespace, run, step),
+            name=f"logs-finished-{run}-{step}",
+        )
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+        task.add_done_callback(_log_failure)
 
     async def _copy_allocation(self, copy: _Copy) -> None:
         """Both streams of one allocation, resuming where each file ends (one disk round trip
         for both offsets)."""
         source = copy.source
-        paths = {
-            stream: self._logs.path(source.namespace, source.run, source.step, stream)
-            for stream in STREAMS
-        }
+        # One validated path, its sibling derived: validating names and building the path is
+        # a measurable cost per allocation, not worth paying per stream.
+        stdout = self._logs.path(source.namespace, source.run, source.step, "stdout")
+        paths: dict[Stream, Path] = {"stdout": stdout, "stderr": stdout.with_name("stderr.log")}
         offsets = await asyncio.to_thread(_resume_offsets, paths, source.alloc_id)
+        streams_to_copy = STREAMS
+        if copy.done.is_set():
+            streams_to_copy = await self._streams_with_output(source, offsets)
         async with asyncio.TaskGroup() as streams:
-            for stream in STREAMS:
+            for stream in streams_to_copy:
                 streams.create_task(
                     self._copy(copy, paths, stream, offsets[stream]),
                     name=f"logs-{source.run}-{source.step}-{stream}",
                 )
+
+    async def _streams_with_output(
+        self, source: LogSource, offsets: dict[Stream, int]
+    ) -> tuple[Stream, ...]:
+        """The streams of an ended allocation that hold bytes not copied yet, from one listing
+        of its log directory: most steps print little or nothing, so this one request often
+        replaces a log request per stream. When the listing cannot tell (rotated files, or no
+        listing), every stream is read."""
+        self.requests += 1
+        try:
+            entries = await self._nomad.list_files(
+                source.alloc_id, "alloc/logs", namespace=source.nomad_namespace
+            )
+        except NomadPipelineError:
+            return STREAMS
+        sizes: dict[str, int] = {}
+        for entry in entries:
+            sizes[str(entry.get("Name"))] = int(entry.get("Size") or 0)
+        pending: list[Stream] = []
+        for stream in STREAMS:
+            prefix = f"{source.task}.{stream}."
+            files = [name for name in sizes if name.startswith(prefix)]
+            if files == [f"{prefix}0"] and sizes[files[0]] <= offsets[stream]:
+                continue
+            if files or not entries:
+                pending.append(stream)
+        return tuple(pending)
 
     async def _append(
         self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, chunk: bytes

@@ -21,10 +21,12 @@ import asyncio
 import copy
 import uuid
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from nomad_pipeline.errors import AlreadyExists, Conflict, Gone, Invalid, NotFound
 from nomad_pipeline.resources.meta import Resource
@@ -76,11 +78,37 @@ def storage_wire(obj: Resource) -> dict[str, Any]:
     return wire
 
 
+# Serialised specs by identity (each entry keeps its spec alive, so an id is never reused
+# while cached). Status writes share the stored spec (``prepare_status_update``), and a Run's
+# spec carries its flow's whole spec: serialising it once instead of on every step's write
+# roughly halves a status write's serialisation time.
+_SPEC_JSON_CACHE_SIZE = 1024
+_spec_json: OrderedDict[int, tuple[BaseModel, str]] = OrderedDict()
+
+
 def storage_json(obj: Resource) -> str:
-    """:func:`storage_wire` as compact JSON text, serialised in one pass by pydantic (about
-    three times cheaper than building the dict and encoding it with :mod:`json`)."""
+    """:func:`storage_wire` as compact JSON text, serialised by pydantic (about three times
+    cheaper than building the dict and encoding it with :mod:`json`), the spec from a cache."""
     excluded = {"resource_version"} if obj.metadata.namespace else {"resource_version", "namespace"}
-    return obj.model_dump_json(by_alias=True, exclude_none=True, exclude={"metadata": excluded})
+    spec = obj.spec
+    if not isinstance(spec, BaseModel):
+        return obj.model_dump_json(by_alias=True, exclude_none=True, exclude={"metadata": excluded})
+    head = obj.model_dump_json(
+        by_alias=True, exclude_none=True, exclude={"metadata": excluded, "spec": True}
+    )
+    return f'{head[:-1]},"spec":{_cached_spec_json(spec)}}}'
+
+
+def _cached_spec_json(spec: BaseModel) -> str:
+    cached = _spec_json.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        _spec_json.move_to_end(id(spec))
+        return cached[1]
+    text = spec.model_dump_json(by_alias=True, exclude_none=True)
+    _spec_json[id(spec)] = (spec, text)
+    if len(_spec_json) > _SPEC_JSON_CACHE_SIZE:
+        _spec_json.popitem(last=False)
+    return text
 
 
 def from_storage_wire(kind: type[R], wire: Mapping[str, Any], resource_version: int) -> R:

@@ -152,6 +152,11 @@ async def test_register_run_and_read_logs(nomad: NomadClient) -> None:
     ]
     assert b"".join(chunks) == b"built\n"
     assert (await nomad.read_file(allocation["ID"], "alloc/logs/main.stdout.0")) == b"built\n"
+    sizes = {
+        entry["Name"]: entry["Size"]
+        for entry in await nomad.list_files(allocation["ID"], "alloc/logs")
+    }
+    assert (sizes["main.stdout.0"], sizes["main.stderr.0"]) == (len(b"built\n"), 0)
 
 
 async def test_followed_logs_arrive_while_the_task_runs(nomad: NomadClient, tmp_path: Any) -> None:

@@ -55,19 +55,51 @@ async def test_each_attempts_output_is_copied_once_after_the_previous(
     run = await stack.wait_run(run_id)
     assert (run.status.phase, run.status.steps[0].attempts) == ("success", 2)
 
-    # The step's logs read as finished once the first attempt's copy ended (followers of a
-    # retried step end with its first attempt), so wait for the second attempt's output.
+    await wait_copied(stack, run_id, "flaky")
     logs = step_dir(stack, run_id, "flaky")
-    await wait_for(
-        "the second attempt's output",
-        lambda: (
-            (logs / "stdout.log").exists()
-            and (logs / "stdout.log").read_bytes() == b"attempt-1\nattempt-2\n"
-        ),
-    )
+    assert (logs / "stdout.log").read_bytes() == b"attempt-1\nattempt-2\n"
     bases = json.loads((logs / OFFSETS_FILE).read_text())
     # The second allocation's output starts where the first one's ended.
     assert sorted(base["stdout"] for base in bases.values()) == [0, len(b"attempt-1\n")]
+
+
+async def test_a_follower_of_a_retried_step_sees_every_attempt_and_ends_with_the_step(
+    stack: Stack, tmp_path: Path
+) -> None:
+    marker = tmp_path / "count"
+    gate = tmp_path / "gate"
+    # The first attempt prints, then waits for the gate (so the follower is attached while it
+    # runs) and fails; the second prints and succeeds.
+    script = (
+        f"n=$(cat {marker} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {marker}; "
+        f"echo attempt-$n; if [ $n -eq 1 ]; then while [ ! -e {gate} ]; do sleep 0.02; done; "
+        "exit 3; fi"
+    )
+    await stack.create_flow(
+        "follow-retries", {"specification": {"steps": [spec_step("flaky", script, retries=1)]}}
+    )
+    run_id = await stack.start_run("follow-retries")
+    logs = LogStore(stack.data_dir / "logs")
+    received = bytearray()
+    # Never set: only the controller's "logs finished" mark can end this follower.
+    never = asyncio.Event()
+
+    async def follow() -> None:
+        async for chunk in logs.follow("default", run_id, "flaky", "stdout", until=never):
+            received.extend(chunk)
+
+    follower = asyncio.create_task(follow())
+    try:
+        await wait_for("the first attempt's output", lambda: bytes(received) == b"attempt-1\n")
+        gate.touch()
+        async with asyncio.timeout(DEADLINE_SECONDS):
+            await follower
+    finally:
+        follower.cancel()
+    assert bytes(received) == b"attempt-1\nattempt-2\n"
+    run = await stack.run(run_id)
+    # The follower ended because the step did: its final phase is stored.
+    assert (run.status.steps[0].phase, run.status.steps[0].attempts) == ("success", 2)
 
 
 async def test_a_new_copier_resumes_where_the_file_ends(stack: Stack) -> None:
@@ -86,6 +118,8 @@ async def test_a_new_copier_resumes_where_the_file_ends(stack: Stack) -> None:
         copier.start(LogSource("default", run_id, "talk", "default", alloc_id, "main"), ended=True)
         await wait_for("the second copy", lambda: len(copier) == 0)
         await copier.close()
+    # Nothing new in either file: one listing of the log directory, no log request.
+    assert copier.requests == 1
 
     logs = step_dir(stack, run_id, "talk")
     assert (logs / "stdout.log").read_bytes() == b"out-line\n"
