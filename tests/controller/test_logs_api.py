@@ -181,3 +181,30 @@ async def test_a_log_larger_than_a_chunk_keeps_every_line_whole(api: Api) -> Non
     path = "/apis/nomad-pipeline.io/v1/namespaces/default/runs/01run/logs"
     async with api.session.get(path, params={"step": "build"}) as response:
         assert await response.read() == data
+
+
+async def test_tail_of_a_specification_step_waits_for_the_copied_output(api: Api) -> None:
+    # A specification step's output is copied from Nomad and can land after the Run already
+    # shows the step over: the stream must wait for the copier's finished mark.
+    spec = FlowSpec.model_validate(
+        {"specification": {"steps": [{"name": "build", "job": {"hcl": 'job "x" {}'}}]}}
+    )
+    run = await api.store.create(
+        Run(
+            metadata=ObjectMeta(name="01spec", namespace="default"),
+            spec=RunSpec(flow="flow", flow_spec=spec),
+        )
+    )
+    finished = run.model_copy(deep=True)
+    finished.status.phase = "success"
+    finished.status.steps = [StepStatus(name="build", phase="success")]
+    await api.store.update_status(finished)
+    await api.log_store.append("default", "01spec", "build", "stdout", b"copied early\n")
+    async with (
+        asyncio.timeout(DEADLINE),
+        api.session.get("/v1/runs/01spec/logs", params={"step_id": "build", "tail": "true"}) as r,
+    ):
+        assert await r.content.readline() == b"copied early\n"
+        await api.log_store.append("default", "01spec", "build", "stdout", b"copied late\n")
+        await api.log_store.mark_step_finished("default", "01spec", "build")
+        assert await r.read() == b"copied late\n"

@@ -31,6 +31,8 @@ from nomad_pipeline.store.interface import Store
 
 LOG_STORE = web.AppKey("log_store", LogStore)
 NATIVE_RUNS = "/apis/nomad-pipeline.io/v1/namespaces/{namespace}/runs/{name}"
+# How long a follower of a finished specification step waits for the last copied output.
+SPEC_LOG_DRAIN = 3.0
 
 
 def setup(app: web.Application) -> None:
@@ -161,10 +163,15 @@ async def _stream_log(
     app = request.app
     namespace, name = run.metadata.namespace, run.metadata.name
     ended = asyncio.Event()
+    step_done = asyncio.Event()
     if step_over(run, step):
-        ended.set()
+        step_done.set()
     watcher = asyncio.create_task(
-        _watch_step(app[STORE], run, step, ended), name=f"log follow {namespace}/{name}/{step}"
+        _watch_step(app[STORE], run, step, step_done), name=f"log follow {namespace}/{name}/{step}"
+    )
+    drainer = asyncio.create_task(
+        _end_when_drained(log_store_of(app), run, step, step_done, ended),
+        name=f"log drain {namespace}/{name}/{step}",
     )
     # Registered with the open watches, so a shutting-down server ends this stream at once.
     handler = asyncio.current_task()
@@ -182,10 +189,31 @@ async def _stream_log(
     finally:
         if handler is not None:
             app[WATCHES].discard(handler)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, drainer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     return response
+
+
+async def _end_when_drained(
+    log_store: LogStore, run: Run, step: str, step_done: asyncio.Event, ended: asyncio.Event
+) -> None:
+    """End the stream once the step is over and its log is complete.
+
+    A specification step's output is copied from Nomad and may land shortly after the Run
+    shows the step over; the copier marks the log finished once drained (which ends the
+    follower by itself), so the stream waits up to ``SPEC_LOG_DRAIN`` for that mark. Inline
+    steps' logs arrive with the runner's reports before the step's transition.
+    """
+    await step_done.wait()
+    namespace, name = run.metadata.namespace, run.metadata.name
+    if run.spec.flow_spec.specification is not None and not log_store.step_finished(
+        namespace, name, step
+    ):
+        # The copier's finished mark usually ends the follower (and cancels this) well before.
+        await asyncio.sleep(SPEC_LOG_DRAIN)
+    ended.set()
 
 
 async def _watch_step(store: Store, run: Run, step: str, ended: asyncio.Event) -> None:
