@@ -288,7 +288,9 @@ class _Scanner:
                     return i
         return i
 
-    def double_quoted(self, i: int) -> int:
+    def double_quoted(self, i: int, *, closing: str | None = '"') -> int:
+        """Text where ``$`` and backquotes expand but words do not split, up to ``closing``
+        (a double quote; None for an unquoted heredoc body, where ``"`` is ordinary)."""
         text = self.text
         while i < len(text):
             char = text[i]
@@ -304,7 +306,7 @@ class _Scanner:
             else:
                 self.out.append(char)
                 i += 1
-                if char == '"':
+                if char == closing:
                     return i
         return i
 
@@ -411,22 +413,7 @@ class _Scanner:
 
     def unquoted_heredoc_body(self) -> str:
         """As double quotes, but a ``"`` is an ordinary character."""
-        text = self.text
-        i = 0
-        while i < len(text):
-            char = text[i]
-            if char == _MARK:
-                i = self.read(i, _BARE)
-            elif char == "\\":
-                i = self.escape(i, in_double_quotes=True)
-            elif char == "`":
-                self.out.append(char)
-                i = self.command_text(i + 1, terminator="`")
-            elif char == "$" and (after := self.dollar(i, in_double_quotes=True)) is not None:
-                i = after
-            else:
-                self.out.append(char)
-                i += 1
+        self.double_quoted(0, closing=None)
         return "".join(self.out)
 
 
