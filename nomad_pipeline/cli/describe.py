@@ -1,8 +1,10 @@
 """``describe``: a readable page about one object (pure: the wire dict and the time in, text out).
 
 Layout follows kubectl: aligned ``Key:  value`` lines for metadata, a spec summary (per kind where
-a summary reads better than the raw spec), the status fields, then tables of conditions and, for
-runs, of steps.
+a summary reads better than the raw spec), the status fields, then tables of conditions, for
+runs of steps, and the object's recent events. Events are not a stored kind: they are read from
+the times the object records (creation, condition transitions, a run's and its steps' start and
+end, a trigger's last firing, a repository's last fetch), newest last.
 """
 
 from __future__ import annotations
@@ -211,6 +213,67 @@ def _steps(obj: Mapping[str, Any], now: datetime) -> list[str]:
     return ["Steps:", *_table(headers, rows, INDENT)]
 
 
+# How many of the most recent events ``describe`` shows.
+RECENT_EVENTS = 10
+
+
+def _recorded_events(obj: Mapping[str, Any]) -> list[tuple[datetime, str, str]]:
+    """(time, reason, message) for each moment the object records."""
+    metadata = obj.get("metadata") or {}
+    status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
+    assert isinstance(status, Mapping)
+    moments: list[tuple[object, str, str]] = [
+        (metadata.get("creation_timestamp"), "Created", f"{obj.get('kind', 'object')} created")
+    ]
+    if obj.get("kind") == "Run":
+        moments.append((status.get("start_time"), "Started", "run started"))
+        for step in run_steps(obj):
+            name = step.get("name")
+            job = step.get("nomad_job_id")
+            started = f"step {name} started" + (f" (Nomad job {job})" if job else "")
+            moments.append((step.get("start_time"), "StepStarted", started))
+            ended = f"step {name} {step.get('phase')}"
+            if step.get("exit_code") is not None:
+                ended += f" (exit code {step.get('exit_code')})"
+            if step.get("message"):
+                ended += f": {_first_line(step.get('message'))}"
+            moments.append((step.get("end_time"), "StepEnded", ended))
+        ended = f"run {status.get('phase')}" + (
+            f": {_first_line(status.get('message'))}" if status.get("message") else ""
+        )
+        moments.append((status.get("end_time"), "Ended", ended))
+    if status.get("last_fire_time"):
+        fired = "fired" + (f", run {status['last_run']}" if status.get("last_run") else "")
+        moments.append((status.get("last_fire_time"), "Fired", fired))
+    if status.get("last_fetch_time"):
+        fetched = f"fetched revision {_value(status.get('last_fetched_revision'))}"
+        moments.append((status.get("last_fetch_time"), "Fetched", fetched))
+    # Conditions last: at equal times they summarise what the events above did.
+    for condition in status.get("conditions") or []:
+        if isinstance(condition, Mapping):
+            reason = _value(condition.get("reason"))
+            message = f"{condition.get('type')}={condition.get('status')}: " + _value(
+                condition.get("message")
+            )
+            moments.append((condition.get("last_transition_time"), reason, message))
+    events = [
+        (when, reason, message)
+        for raw, reason, message in moments
+        if (when := parse_timestamp(raw)) is not None
+    ]
+    return sorted(events, key=lambda event: event[0])
+
+
+def _events(obj: Mapping[str, Any], now: datetime) -> list[str]:
+    events = _recorded_events(obj)[-RECENT_EVENTS:]
+    if not events:
+        return [f"Events: {NONE}"]
+    rows = [
+        [format_age(when.isoformat(), now), reason, message] for when, reason, message in events
+    ]
+    return ["Events:", *_table(("AGE", "REASON", "MESSAGE"), rows, INDENT)]
+
+
 def describe_object(obj: Mapping[str, Any], now: datetime) -> str:
     metadata = obj.get("metadata") or {}
     kind = str(obj.get("kind", ""))
@@ -238,4 +301,5 @@ def describe_object(obj: Mapping[str, Any], now: datetime) -> str:
     lines += _conditions(status, now)
     if kind == "Run":
         lines += _steps(obj, now)
+    lines += _events(obj, now)
     return "\n".join(lines)

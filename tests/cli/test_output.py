@@ -271,3 +271,37 @@ def test_describe_flow_summarises_variables_and_steps() -> None:
     # A multi-line script shows its first line only.
     assert step_lines == [["a", "<none>", "<none>", "echo", "a", "..."]]
     assert "Conditions: <none>" in page
+
+
+def test_describe_run_lists_recent_events_from_recorded_times_oldest_first() -> None:
+    page = describe_object(run(), NOW)
+    lines = page.splitlines()
+    events = lines.index("Events:")
+    assert lines[events + 1].split() == ["AGE", "REASON", "MESSAGE"]
+    rows = [line.split(None, 2) for line in lines[events + 2 :]]
+    assert [row[1] for row in rows] == [
+        "Created",
+        "Started",
+        "StepStarted",
+        "StepEnded",
+        "StepStarted",
+        "Running",
+    ]
+    assert rows[0][0] == "1m"
+    assert rows[3][2] == "step a success (exit code 0)"
+    assert rows[-1][2].startswith("Ready=False: ")
+
+
+def test_describe_shows_a_triggers_last_firing_as_an_event() -> None:
+    trigger = {
+        "kind": "Trigger",
+        "metadata": {"name": "nightly", "namespace": "default", "creation_timestamp": ago(600)},
+        "spec": {"flow": "build-test"},
+        "status": {"last_fire_time": ago(60), "last_run": "01jabc"},
+    }
+    lines = describe_object(trigger, NOW).splitlines()
+    events = lines.index("Events:")
+    assert [line.split(None, 2) for line in lines[events + 2 :]] == [
+        ["10m", "Created", "Trigger created"],
+        ["1m", "Fired", "fired, run 01jabc"],
+    ]
