@@ -549,11 +549,12 @@ class RunReconciler:
         for status in work.status.steps:
             if status.phase == "running" and status.nomad_job_id is not None:
                 await self._observe_spec_step(work, steps_by_name[status.name], status)
-        to_start = self._plan(work, [_plan_step(step) for step in spec.steps])
+        plan_steps = [_plan_step(step) for step in spec.steps]
+        to_start = self._plan(work, plan_steps)
         for status in work.status.steps:
             if status.phase == "pending" and status.name in to_start:
                 await self._start_spec_attempt(work, steps_by_name[status.name], status, 1)
-        self._finish_if_done(work, [_plan_step(step) for step in spec.steps])
+        self._finish_if_done(work, plan_steps)
 
     def _plan(self, work: _Pass, steps: list[PlanStep]) -> set[str]:
         """Apply the plan's skips and failures to the status; the steps to start."""

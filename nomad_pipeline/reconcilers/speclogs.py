@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,28 @@ logger = logging.getLogger(__name__)
 
 Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
+
+# Offsets of an allocation none of whose output was copied yet.
+_NOTHING_COPIED: dict[Stream, int] = {"stdout": 0, "stderr": 0}
+
+
+def _streams_with_output(
+    task: str, sizes: Mapping[str, int], offsets: Mapping[Stream, int]
+) -> tuple[Stream, ...]:
+    """The streams of an ended allocation that hold bytes beyond ``offsets``, by the sizes of
+    its log files. When the listing cannot tell (rotated files, or an empty listing), the
+    stream is read."""
+    pending: list[Stream] = []
+    for stream in STREAMS:
+        prefix = f"{task}.{stream}."
+        files = [name for name in sizes if name.startswith(prefix)]
+        if files == [f"{prefix}0"] and sizes[files[0]] <= offsets[stream]:
+            continue
+        if files or not sizes:
+            pending.append(stream)
+    return tuple(pending)
+
+
 OFFSETS_FILE = ".copy-offsets.json"
 
 # A log request before the task started answers 404; retry until it has.
@@ -177,14 +200,19 @@ class LogCopier:
         """Both streams of one allocation, resuming where each file ends (one disk round trip
         for both offsets)."""
         source = copy.source
+        sizes = await self._log_sizes(source) if copy.done.is_set() else None
+        if sizes is not None and not _streams_with_output(source.task, sizes, _NOTHING_COPIED):
+            # Ended with nothing printed (most steps of a busy pipeline): whatever was copied
+            # before, nothing is left, so neither the log files nor their offsets are touched.
+            return
         # One validated path, its sibling derived: validating names and building the path is
         # a measurable cost per allocation, not worth paying per stream.
         stdout = self._logs.path(source.namespace, source.run, source.step, "stdout")
         paths: dict[Stream, Path] = {"stdout": stdout, "stderr": stdout.with_name("stderr.log")}
         offsets = await asyncio.to_thread(_resume_offsets, paths, source.alloc_id)
-        streams_to_copy = STREAMS
-        if copy.done.is_set():
-            streams_to_copy = await self._streams_with_output(source, offsets)
+        streams_to_copy = (
+            STREAMS if sizes is None else _streams_with_output(source.task, sizes, offsets)
+        )
         async with asyncio.TaskGroup() as streams:
             for stream in streams_to_copy:
                 streams.create_task(
@@ -192,32 +220,18 @@ class LogCopier:
                     name=f"logs-{source.run}-{source.step}-{stream}",
                 )
 
-    async def _streams_with_output(
-        self, source: LogSource, offsets: dict[Stream, int]
-    ) -> tuple[Stream, ...]:
-        """The streams of an ended allocation that hold bytes not copied yet, from one listing
-        of its log directory: most steps print little or nothing, so this one request often
-        replaces a log request per stream. When the listing cannot tell (rotated files, or no
-        listing), every stream is read."""
+    async def _log_sizes(self, source: LogSource) -> dict[str, int] | None:
+        """The sizes of an ended allocation's log files by name, from one listing of its log
+        directory (most steps print little or nothing, so this one request often replaces a
+        log request per stream); None when the listing failed."""
         self.requests += 1
         try:
             entries = await self._nomad.list_files(
                 source.alloc_id, "alloc/logs", namespace=source.nomad_namespace
             )
         except NomadPipelineError:
-            return STREAMS
-        sizes: dict[str, int] = {}
-        for entry in entries:
-            sizes[str(entry.get("Name"))] = int(entry.get("Size") or 0)
-        pending: list[Stream] = []
-        for stream in STREAMS:
-            prefix = f"{source.task}.{stream}."
-            files = [name for name in sizes if name.startswith(prefix)]
-            if files == [f"{prefix}0"] and sizes[files[0]] <= offsets[stream]:
-                continue
-            if files or not entries:
-                pending.append(stream)
-        return tuple(pending)
+            return None
+        return {str(entry.get("Name")): int(entry.get("Size") or 0) for entry in entries}
 
     async def _append(
         self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, chunk: bytes

@@ -30,8 +30,10 @@ async def test_step_logs_are_copied_into_the_log_store(stack: Stack) -> None:
     step_dir = stack.data_dir / "logs" / "runs" / "default" / run_id / "talk" / "logs"
     run = await stack.wait_run(
         run_id,
+        # The two streams are copied independently: either file may appear first.
         until=lambda _run: (
             (step_dir / "stderr.log").exists()
+            and (step_dir / "stdout.log").exists()
             and b"err-line" in (step_dir / "stderr.log").read_bytes()
             and b"out-line" in (step_dir / "stdout.log").read_bytes()
         ),
