@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from nomad_pipeline.controller.api.runs import request_cancel
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.runnertoken import runner_token
 from nomad_pipeline.controller.runtime import Request, Result
 from nomad_pipeline.errors import (
-    Conflict,
     Invalid,
     NomadError,
     NomadPipelineError,
@@ -470,20 +470,9 @@ class RunReconciler:
             return False
 
     async def _request_cancel(self, run: Run) -> None:
-        if run.spec.cancel:
-            return
-        cancelled = run.model_copy(deep=True)
-        cancelled.spec.cancel = True
-        try:
+        if not run.spec.cancel:
             self.stats.status_writes += 1
-            await self._store.update(cancelled)
-        except Conflict:
-            # It changed meanwhile; this run is reconciled again when that run's event arrives.
-            logger.info(
-                "cancel of the oldest run conflicted, retrying later",
-                extra={"namespace": run.metadata.namespace, "run": run.metadata.name},
-            )
-            raise
+            await request_cancel(self._store, run.metadata.namespace, run.metadata.name)
 
     async def _on_finished(self, run: Run) -> None:
         """Wake what a finished run unblocks: queued runs and retention of older ones."""

@@ -16,32 +16,26 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from nomad_pipeline.controller.api.runs import create_run
+from nomad_pipeline.controller.api.runs import create_run, request_cancel
 from nomad_pipeline.controller.manager import watch_store
 from nomad_pipeline.controller.runtime import Controller, Request, Result, Runnable
-from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, NotFound
+from nomad_pipeline.errors import AlreadyExists, Invalid, NotFound
 from nomad_pipeline.reconcilers.cronschedule import CronSchedule
 from nomad_pipeline.reconcilers.gitsource import Commit, GitError, GitMirrors
 from nomad_pipeline.resources.durations import parse_duration
 from nomad_pipeline.resources.kinds import (
     TERMINAL_PHASES,
+    TRIGGER_LABEL,
     Flow,
     Run,
     RunTrigger,
     Trigger,
 )
-from nomad_pipeline.resources.meta import API_GROUP, ready_condition
+from nomad_pipeline.resources.meta import ready_condition
 from nomad_pipeline.resources.ulid import ulid_for
 from nomad_pipeline.store.interface import Store
 
 logger = logging.getLogger(__name__)
-
-TRIGGER_LABEL = f"{API_GROUP}/trigger"
-TRIGGER_KIND = "Trigger"
-# A flow that does not exist yet may be applied soon (GitOps order); look again this often.
-MISSING_FLOW_RETRY = 30.0
-# Runs a cancel-before-replace retries against concurrent status writes.
-_WRITE_ATTEMPTS = 10
 
 
 @functools.lru_cache(maxsize=1024)
@@ -190,7 +184,7 @@ class TriggerReconciler:
             return {"pending_fire_time": None, "message": message}
         if cron.concurrency_policy == "replace":
             for run in active:
-                await self._cancel(run)
+                await request_cancel(self._store, run.metadata.namespace, run.metadata.name)
         run_trigger = RunTrigger(type="cron", name=trigger.metadata.name, schedule_time=scheduled)
         seed = f"{trigger.metadata.uid}/cron/{scheduled.isoformat()}"
         run_name, message = await self._start_run(trigger, run_trigger, seed, scheduled, {})
@@ -201,19 +195,6 @@ class TriggerReconciler:
             Run, trigger.metadata.namespace, selector=trigger_run_labels(trigger)
         )
         return [run for run in runs.items if run.status.phase not in TERMINAL_PHASES]
-
-    async def _cancel(self, run: Run) -> None:
-        for _ in range(_WRITE_ATTEMPTS):
-            if run.spec.cancel or run.status.phase in TERMINAL_PHASES:
-                return
-            cancelled = run.model_copy(deep=True)
-            cancelled.spec.cancel = True
-            try:
-                await self._store.update(cancelled)
-                return
-            except Conflict:
-                run = await self._store.get(Run, run.metadata.namespace, run.metadata.name)
-        raise Conflict(f"run {run.metadata.namespace}/{run.metadata.name} kept changing")
 
     async def _start_run(
         self,

@@ -585,6 +585,12 @@ class RunStatus(Status):
         return next((step for step in self.steps if step.name == name), None)
 
 
+# Labels every run carries: the flow it runs, and the trigger that started it (if one did), so
+# ``get runs -l nomad-pipeline.io/flow=build`` and trigger policies select a flow's runs.
+FLOW_LABEL = f"{API_GROUP}/flow"
+TRIGGER_LABEL = f"{API_GROUP}/trigger"
+
+
 class Run(Resource):
     KIND: ClassVar[str] = "Run"
     PLURAL: ClassVar[str] = "runs"

@@ -25,14 +25,19 @@ from nomad_pipeline.controller.api.errors import query_flag, read_json_object
 from nomad_pipeline.controller.api.native import shielded
 from nomad_pipeline.controller.api.seed import namespace_scope
 from nomad_pipeline.errors import Conflict, Invalid
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run, RunSpec, RunTrigger
-from nomad_pipeline.resources.meta import API_GROUP, ObjectMeta
+from nomad_pipeline.resources.kinds import (
+    FLOW_LABEL,
+    TERMINAL_PHASES,
+    Flow,
+    Run,
+    RunSpec,
+    RunTrigger,
+)
+from nomad_pipeline.resources.meta import ObjectMeta
 from nomad_pipeline.resources.ulid import new_ulid
 from nomad_pipeline.resources.variables import check_run_variables
 from nomad_pipeline.store.interface import Store
 
-# Label every run carries: its flow's name (``get runs -l nomad-pipeline.io/flow=build``).
-FLOW_LABEL = f"{API_GROUP}/flow"
 # A write that keeps conflicting with the reconciler's status writes is retried this often.
 _WRITE_ATTEMPTS = 10
 
@@ -80,6 +85,25 @@ async def create_run(
     return await store.create(run)
 
 
+async def request_cancel(store: Store, namespace: str, name: str) -> bool:
+    """Ask for the run to be cancelled (``spec.cancel``; the run reconciler stops its Nomad
+    jobs). False when it already finished; asking twice is not an error. Retries writes that
+    lose a race with the reconciler's status writes."""
+    for _ in range(_WRITE_ATTEMPTS):
+        run = await store.get(Run, namespace, name)
+        if run.status.phase in TERMINAL_PHASES:
+            return False
+        if run.spec.cancel:
+            return True
+        cancelled = run.model_copy(update={"spec": run.spec.model_copy(update={"cancel": True})})
+        try:
+            await store.update(cancelled)
+            return True
+        except Conflict:
+            continue
+    raise Conflict(f"run {namespace}/{name} kept changing; try the cancel again")
+
+
 async def run_flow(request: web.Request) -> web.Response:
     namespace = await namespace_scope(request, allow_all=False)
     assert namespace is not None
@@ -105,23 +129,8 @@ async def cancel_run(request: web.Request) -> web.Response:
     name = request.match_info["id"]
 
     async def cancel() -> None:
-        for _ in range(_WRITE_ATTEMPTS):
-            run = await store.get(Run, namespace, name)
-            if run.status.phase in TERMINAL_PHASES:
-                raise Conflict(
-                    f"run {namespace}/{name} already finished ({run.status.phase}); "
-                    "nothing to cancel"
-                )
-            if run.spec.cancel:
-                return
-            cancelled = run.model_copy(deep=True)
-            cancelled.spec.cancel = True
-            try:
-                await store.update(cancelled)
-                return
-            except Conflict:
-                continue
-        raise Conflict(f"run {namespace}/{name} kept changing; try the cancel again")
+        if not await request_cancel(store, namespace, name):
+            raise Conflict(f"run {namespace}/{name} already finished; nothing to cancel")
 
     await shielded(request.app, cancel())
     return web.json_response({"run_id": name})

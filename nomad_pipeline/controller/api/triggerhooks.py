@@ -29,15 +29,13 @@ from nomad_pipeline.controller.api.runs import create_run
 from nomad_pipeline.controller.api.seed import namespace_scope
 from nomad_pipeline.controller.secrets import SecretResolver
 from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, TooLarge
-from nomad_pipeline.resources.kinds import Flow, RunTrigger, Trigger
-from nomad_pipeline.resources.meta import API_GROUP
+from nomad_pipeline.resources.kinds import TRIGGER_LABEL, Flow, RunTrigger, Trigger
 from nomad_pipeline.resources.ulid import new_ulid, ulid_for
 from nomad_pipeline.store.interface import Store
 
 MAX_WEBHOOK_BYTES = 5 * 1024 * 1024
 # Delivery IDs remembered per trigger; providers redeliver within hours, not thousands later.
 REMEMBERED_DELIVERIES = 200
-TRIGGER_LABEL = f"{API_GROUP}/trigger"
 SECRET_RESOLVER = web.AppKey("secret_resolver", SecretResolver)
 _RECORD_ATTEMPTS = 10
 
