@@ -22,8 +22,18 @@ A run of S steps makes S + 1 status writes: the run's start carries step 1's job
 S - 1 transitions ends one step and records the next one's job ID (exactly-once registration:
 the ID is stored before the job is registered), the run's end carries the last step's end.
 
-Usage: ``.venv/bin/python bench/runs.py [--runs 1 10 100] [--steps 5]`` (each count in turn,
-each with a fresh dev agent).
+Two kinds of steps, because the overhead per transition means two different things with them:
+
+- ``/bin/true`` steps (``--step-seconds 0 0``, the first scenario by default): every run's step
+  ends within the same few milliseconds as the 99 others, so each round of transitions arrives
+  as one burst and the figure is mostly queueing: the last transition of a burst waits for the
+  CPU of all those before it (a throughput test; the "burst floor" line prints that bound);
+- steps sleeping a random 1-5 s each (``--step-seconds 1 5``, the second scenario by default),
+  drawn per run and step from a fixed seed: 100 runs are still all running at once, but their
+  transitions arrive spread out, as steps of real pipelines do (the latency a step waits).
+
+Usage: ``.venv/bin/python bench/runs.py [--runs 1 10 100] [--steps 5] [--step-seconds MIN MAX]``
+(each count in turn, each with a fresh dev agent).
 """
 
 from __future__ import annotations
@@ -32,11 +42,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +77,7 @@ def free_port() -> int:
         return port
 
 
-def step_job() -> dict[str, Any]:
+def step_job(command: str = "/bin/true", args: list[str] | None = None) -> dict[str, Any]:
     return {
         "ID": "step",
         "Type": "batch",
@@ -76,7 +88,7 @@ def step_job() -> dict[str, Any]:
                     {
                         "Name": "main",
                         "Driver": "raw_exec",
-                        "Config": {"command": "/bin/true"},
+                        "Config": {"command": command, "args": args or []},
                         "Resources": {"CPU": 10, "MemoryMB": 16},
                     }
                 ],
@@ -107,7 +119,28 @@ async def wait_ready(address: str, deadline: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def bench(runs: int, steps: int, backend: str) -> None:
+@dataclass(frozen=True)
+class Scenario:
+    runs: int
+    steps: int
+    backend: str
+    # Each step sleeps a duration drawn from [min, max] seconds; (0, 0): ``/bin/true``.
+    step_seconds: tuple[float, float]
+
+    @property
+    def sleeps(self) -> bool:
+        return self.step_seconds[1] > 0
+
+    def describe(self) -> str:
+        low, high = self.step_seconds
+        kind = f"sleeping {low:g}-{high:g} s" if self.sleeps else "/bin/true"
+        return (
+            f"runs: {self.runs} x {self.steps} steps ({self.runs * self.steps} steps, {kind}), "
+            f"store: {self.backend}"
+        )
+
+
+async def bench(scenario: Scenario) -> None:
     port = free_port()
     nomad_address = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="np-bench-") as scratch:
@@ -123,7 +156,7 @@ async def bench(runs: int, steps: int, backend: str) -> None:
         )
         try:
             await wait_ready(nomad_address)
-            await measure(nomad_address, Path(scratch), runs, steps, backend, agent.pid)
+            await measure(nomad_address, Path(scratch), scenario, agent.pid)
         finally:
             agent.send_signal(signal.SIGTERM)
             await agent.wait()
@@ -153,9 +186,42 @@ class CountingConnector(aiohttp.TCPConnector):
         return await super().connect(*args, **kwargs)
 
 
-async def measure(
-    nomad_address: str, scratch: Path, runs: int, steps: int, backend: str, agent_pid: int
-) -> None:
+def bench_flow(scenario: Scenario) -> Flow:
+    """The benchmarked flow: each step ``/bin/true``, or sleeping its run's ``d<step>`` seconds
+    (a variable, so every run sleeps its own durations)."""
+    if not scenario.sleeps:
+        jobs = [step_job() for _ in range(scenario.steps)]
+        variables: list[dict[str, Any]] = []
+    else:
+        jobs = [
+            step_job("/bin/sh", ["-c", f'exec sleep "$NP_VAR_D{index}"'])
+            for index in range(scenario.steps)
+        ]
+        variables = [{"name": f"d{index}", "required": True} for index in range(scenario.steps)]
+    return Flow(
+        metadata=ObjectMeta(name="bench"),
+        spec={
+            "variables": variables,
+            "specification": {
+                "steps": [
+                    {"name": f"s{index}", "job": {"json": job}} for index, job in enumerate(jobs)
+                ]
+            },
+        },
+    )
+
+
+def run_variables(scenario: Scenario, durations: random.Random) -> dict[str, Any]:
+    if not scenario.sleeps:
+        return {}
+    return {
+        f"d{index}": f"{durations.uniform(*scenario.step_seconds):.3f}"
+        for index in range(scenario.steps)
+    }
+
+
+async def measure(nomad_address: str, scratch: Path, scenario: Scenario, agent_pid: int) -> None:
+    runs, steps, backend = scenario.runs, scenario.steps, scenario.backend
     # One counter for both sessions (the reconciler's and the log copier's).
     counted = [0]
     async with (
@@ -182,17 +248,9 @@ async def measure(
         )
         manager = Manager(built.runnables)
         running = asyncio.create_task(manager.run(), name="bench-manager")
-        flow = Flow(
-            metadata=ObjectMeta(name="bench"),
-            spec={
-                "specification": {
-                    "steps": [
-                        {"name": f"s{index}", "job": {"json": step_job()}} for index in range(steps)
-                    ]
-                }
-            },
-        )
+        flow = bench_flow(scenario)
         await store.create(flow)
+        durations = random.Random(20261128)
         requests_before = counted[0]
         stats = built.reconciler.stats
         writes_before = stats.status_writes
@@ -208,7 +266,11 @@ async def measure(
                 store.create(
                     Run(
                         metadata=ObjectMeta(name=name),
-                        spec=RunSpec(flow="bench", flow_spec=flow.spec),
+                        spec=RunSpec(
+                            flow="bench",
+                            flow_spec=flow.spec,
+                            variables=run_variables(scenario, durations),
+                        ),
                     )
                 )
                 for name in names
@@ -231,10 +293,7 @@ async def measure(
         await running
         await store.close()
     failed = [run.metadata.name for run in finished if run.status.phase != "success"]
-    print(
-        f"runs: {runs} x {steps} steps ({total_steps} steps), store: {backend}, "
-        f"failed runs: {len(failed)}"
-    )
+    print(f"{scenario.describe()}, failed runs: {len(failed)}")
     print(f"wall time: {wall:.2f} s")
     print(
         "controller overhead per step transition: "
@@ -257,7 +316,7 @@ async def measure(
         f"waited on per status write: {write_seconds / max(writes, 1) * 1000:.1f} ms, "
         f"per job register: {register_seconds / max(registers, 1) * 1000:.1f} ms (means)"
     )
-    if runs > 1:
+    if runs > 1 and not scenario.sleeps:
         # Runs started together finish their steps together: one event loop (one core) works
         # through the burst of transitions one after the other.
         print(
@@ -372,15 +431,27 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
+        "--step-seconds",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="each step sleeps a random duration in [MIN, MAX] s (0 0: /bin/true); "
+        "default: both scenarios in turn, /bin/true then 1-5 s",
+    )
+    parser.add_argument(
         "--store",
         choices=["nomad-vars", "memory"],
         default="nomad-vars",
         help="where runs are stored (nomad-vars: on the dev agent, as `nomad-pipeline dev`)",
     )
     args = parser.parse_args()
-    for runs in args.runs:
-        asyncio.run(bench(runs, args.steps, args.store))
-        print()
+    step_seconds = [tuple(args.step_seconds)] if args.step_seconds else [(0.0, 0.0), (1.0, 5.0)]
+    for low, high in step_seconds:
+        if not 0 <= low <= high:
+            parser.error(f"--step-seconds {low:g} {high:g}: need 0 <= MIN <= MAX")
+        for runs in args.runs:
+            asyncio.run(bench(Scenario(runs, args.steps, args.store, (low, high))))
+            print()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ event stream delivers anyway. The cache is only trusted for jobs it has seen fro
 an unbroken stream:
 
 - a job is *tracked* when the reconciler is about to register it (or finds it after a restart);
-- events (Job, Allocation, Evaluation topics) update tracked jobs and wake the owning run;
+- events (Job, Allocation, Evaluation topics) update tracked jobs and wake the owning run,
+  except an allocation that merely started running: that calls ``started`` (which begins
+  copying its logs) and costs no reconcile, since nothing the run records changed;
 - a job the cache has not filled (new process, or the stream broke and could have dropped
   events: Nomad gives no gap signal) reads as unknown, and the reconciler fills it with plain
   GETs once, after which events keep it current.
@@ -107,6 +109,17 @@ def _alloc_changed(
     return status != "complete" or (job is not None and job.get("Status") == "dead")
 
 
+def _only_started(previous: Mapping[str, Any] | None, alloc: Mapping[str, Any]) -> bool:
+    """Whether the allocation just started running and nothing else the run acts on moved."""
+    if alloc.get("ClientStatus") != "running":
+        return False
+    if previous is None:
+        return True
+    return previous.get("ClientStatus") == "pending" and not any(
+        previous.get(name) != alloc.get(name) for name in _ALLOC_FIELDS if name != "ClientStatus"
+    )
+
+
 def owner_from_meta(job: Mapping[str, Any]) -> RunKey | None:
     meta = job.get("Meta") or {}
     run = meta.get(META_RUN)
@@ -119,8 +132,13 @@ def owner_from_meta(job: Mapping[str, Any]) -> RunKey | None:
 class JobCache:
     """Tracked Nomad jobs, their owners, and what the event stream said about them."""
 
-    def __init__(self, wake: Callable[[RunKey], None]) -> None:
+    def __init__(
+        self,
+        wake: Callable[[RunKey], None],
+        started: Callable[[RunKey, JobObservation], None],
+    ) -> None:
         self._wake = wake
+        self._started = started
         self._jobs: dict[JobKey, JobObservation] = {}
         self._owners: dict[JobKey, RunKey] = {}
         # The same relation by run, so a run's end costs its own jobs, not every tracked one.
@@ -274,8 +292,13 @@ class JobCache:
                 return None
             observation.allocations[alloc_id] = alloc
             # Task events inside a pending allocation change nothing the run acts on.
-            changed = _alloc_changed(previous, alloc, observation.job)
-            return self._owners.get(key) if changed else None
+            if not _alloc_changed(previous, alloc, observation.job):
+                return None
+            owner = self._owners.get(key)
+            if owner is not None and _only_started(previous, alloc):
+                self._started(owner, observation)
+                return None
+            return owner
         if topic == "Evaluation":
             evaluation = payload.get("Evaluation") or {}
             key = (evaluation.get("Namespace") or namespace, evaluation.get("JobID") or "")

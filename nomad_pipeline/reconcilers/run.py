@@ -9,15 +9,18 @@ controller process can pick up any run. Each reconcile:
 3. admits a pending run under the flow's ``concurrency`` (queue / skip / cancel-oldest);
 4. observes each active step's job (from the event-fed cache, see ``nomadwatch.py``) and folds
    the outcome into the step (``outcomes.py``), failed attempts retried with backoff;
-5. plans what starts or is skipped next (``planning.py``);
-6. writes the status **once** (with the resource-version precondition), then registers the
-   jobs it recorded.
+5. plans what starts or is skipped next (``planning.py``) and registers those steps' jobs at
+   once, so a step's end is followed by the next step's register with no store round trip in
+   between (a refused register fails its step, and the plan runs again);
+6. writes the status **once** (with the resource-version precondition).
 
-Exactly-once registration: a step's job ID is deterministic and recorded in the status (the
-"intent", phase ``running``) *before* the job is registered, with ``EnforceIndex`` so an
-existing job is never registered again. A controller killed between the two finds the intent,
-asks Nomad, and registers only if the job does not exist. Each retry attempt has its own job ID
-(``-a2``, ``-a3``...), so a new attempt is a new job, never a re-register.
+Exactly-once registration: a step's job ID is deterministic (run, step, attempt; see
+``specjobs.py``) and registered with ``EnforceIndex`` 0, which Nomad refuses for an existing job.
+A controller killed after a register and before its status write plans the same step again on
+restart, computes the same ID, and adopts the job Nomad answers "already exists" for. Each retry
+attempt has its own job ID (``-a2``, ``-a3``...), so a new attempt is a new job, never a
+re-register. A job registered but not yet recorded can still be stopped: cancel and timeouts
+also stop the jobs the plan may have registered for pending and retrying steps.
 
 Cancel is ``spec.cancel: true`` on the Run (``PUT /v1/runs/{id}/cancel`` sets it): being in the
 spec, it survives restarts and is seen by whichever controller reconciles the run next.
@@ -46,6 +49,7 @@ from nomad_pipeline.errors import (
 )
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.reconcilers.inlinejob import (
+    RUNNER_META_STEP,
     host_runner_command,
     render_runner_job,
     runner_job_id,
@@ -59,6 +63,7 @@ from nomad_pipeline.reconcilers.planning import (
     run_phase,
 )
 from nomad_pipeline.reconcilers.specjobs import (
+    META_STEP,
     StepIdentity,
     dispatch_token,
     hcl_var_file,
@@ -85,8 +90,6 @@ from nomad_pipeline.store.interface import Store
 logger = logging.getLogger(__name__)
 
 RUN_KIND = "Run"
-# The registration "step" of an inline run's runner job, which runs every step.
-RUNNER_STEP = "*"
 _PARSE_CACHE_SIZE = 256
 _ALREADY_EXISTS = "already exists"
 
@@ -283,7 +286,9 @@ class RunReconciler:
         return status
 
     async def _commit(self, work: _Pass) -> Result:
-        """Write the status if it changed, register recorded jobs, decide the requeue."""
+        """Register what is left to register, write the status if it changed, decide the
+        requeue."""
+        await self._register_queued(work)
         run = work.run
         if work.status != run.status:
             if work.status.phase in TERMINAL_PHASES and work.status.end_time is None:
@@ -298,8 +303,6 @@ class RunReconciler:
             work.run = run
             self._written[work.key] = int(run.metadata.resource_version or 0)
             self._steps_ended(run, ended_steps)
-        for registration in work.registrations:
-            await self._register(work, registration)
         for job_key in work.finished_jobs:
             self._cache.forget(job_key)
         if run.status.phase in TERMINAL_PHASES:
@@ -366,15 +369,59 @@ class RunReconciler:
 
     async def _stop_jobs(self, work: _Pass) -> None:
         stopped: set[JobKey] = set()
-        for step in work.status.steps:
-            if step.nomad_job_id is None or step.phase in TERMINAL_PHASES:
-                continue
-            key = (step.nomad_namespace or "default", step.nomad_job_id)
+        for key in [*self._recorded_jobs(work), *await self._unrecorded_jobs(work)]:
             if key in stopped:
                 continue
             stopped.add(key)
             await self._stop_job(key)
             work.finished_jobs.append(key)
+
+    def _recorded_jobs(self, work: _Pass) -> list[JobKey]:
+        return [
+            (step.nomad_namespace or "default", step.nomad_job_id)
+            for step in work.status.steps
+            if step.nomad_job_id is not None and step.phase not in TERMINAL_PHASES
+        ]
+
+    async def _unrecorded_jobs(self, work: _Pass) -> list[JobKey]:
+        """Jobs a controller may have registered without living to record them: the next
+        attempt of every pending or retrying specification step, an inline run's runner job.
+        Stopping a job that does not exist is a no-op on Nomad."""
+        run = work.run
+        inline = run.spec.flow_spec.inline
+        if inline is not None:
+            if any(step.nomad_job_id is not None for step in work.status.steps):
+                return []
+            return [(inline.runner.namespace, runner_job_id(inline, run.spec.flow, work.key[1]))]
+        spec = run.spec.flow_spec.specification
+        assert spec is not None
+        steps_by_name = {step.name: step for step in spec.steps}
+        candidates: list[JobKey] = []
+        for status in work.status.steps:
+            if status.phase == "pending":
+                attempt = 1
+            elif status.phase == "running" and status.end_time is not None:
+                attempt = status.attempts + 1
+            else:
+                continue
+            identity = self._identity(run, status.name, attempt)
+            try:
+                job = await self._render_spec_job(run, steps_by_name[status.name], identity)
+            except (Invalid, NomadError):
+                # A job that cannot be rendered was never registered.
+                continue
+            candidates.append((job.get("Namespace") or "default", job["ID"]))
+        return candidates
+
+    @staticmethod
+    def _identity(run: Run, step: str, attempt: int) -> StepIdentity:
+        return StepIdentity(
+            namespace=run.metadata.namespace,
+            run=run.metadata.name,
+            flow=run.spec.flow,
+            step=step,
+            attempt=attempt,
+        )
 
     async def _stop_job(self, key: JobKey) -> None:
         namespace, job_id = key
@@ -539,9 +586,16 @@ class RunReconciler:
             if status.phase == "running" and status.nomad_job_id is not None:
                 await self._observe_spec_step(work, steps_by_name[status.name], status)
         plan_steps = [_plan_step(step) for step in spec.steps]
-        to_start = self._plan(work, plan_steps)
-        for status in work.status.steps:
-            if status.phase == "pending" and status.name in to_start:
+        while True:
+            # Registers before planning: a refused register fails its step, which the plan
+            # then follows (a failure handler starts in the same pass).
+            await self._register_queued(work)
+            to_start = self._plan(work, plan_steps)
+            starting = [s for s in work.status.steps if s.phase == "pending" and s.name in to_start]
+            if not starting:
+                break
+            for status in starting:
+                # Each start leaves ``pending`` (running, or failed to render): the loop ends.
                 await self._start_spec_attempt(work, steps_by_name[status.name], status, 1)
         self._finish_if_done(work, plan_steps)
 
@@ -585,15 +639,9 @@ class RunReconciler:
     async def _start_spec_attempt(
         self, work: _Pass, step: SpecificationStep, status: StepStatus, attempt: int
     ) -> None:
-        """Render the attempt's job and record the intent; it is registered after the write."""
+        """Render the attempt's job, record it in the status and queue its registration."""
         run = work.run
-        identity = StepIdentity(
-            namespace=run.metadata.namespace,
-            run=run.metadata.name,
-            flow=run.spec.flow,
-            step=step.name,
-            attempt=attempt,
-        )
+        identity = self._identity(run, step.name, attempt)
         try:
             job = await self._render_spec_job(run, step, identity)
         except (Invalid, NomadError) as error:
@@ -614,6 +662,9 @@ class RunReconciler:
         status.end_time = None
         status.message = "" if attempt == 1 else f"attempt {attempt}"
         work.registrations.append(_Registration(step.name, key, job, identity))
+        if step.timeout is not None:
+            # Nothing else may wake the run before then: a step that runs changes nothing.
+            work.requeue_in(duration_seconds(step.timeout))
 
     async def _render_spec_job(
         self, run: Run, step: SpecificationStep, identity: StepIdentity
@@ -650,8 +701,16 @@ class RunReconciler:
             self._parsed.popitem(last=False)
         return parsed
 
+    async def _register_queued(self, work: _Pass) -> None:
+        """Register the queued jobs, concurrently (a DAG's parallel steps start together)."""
+        queued, work.registrations = work.registrations, []
+        if len(queued) == 1:
+            await self._register(work, queued[0])
+        elif queued:
+            await asyncio.gather(*(self._register(work, item) for item in queued))
+
     async def _register(self, work: _Pass, registration: _Registration) -> None:
-        """Make the recorded job exist on Nomad (once; see the module docstring)."""
+        """Make the recorded job exist on Nomad, once (see the module docstring)."""
         key = registration.key
         self._cache.track(key, work.key)
         self.stats.nomad_requests += 1
@@ -659,13 +718,14 @@ class RunReconciler:
         try:
             response = await self._register_call(registration.job, key[0])
         except Invalid as error:
-            await self._registration_failed(work, registration, error.message)
+            self._registration_refused(work, registration, error.message)
             return
         except NomadError as error:
             if _ALREADY_EXISTS not in error.message:
-                await self._registration_failed(work, registration, error.message)
+                self._registration_refused(work, registration, error.message)
                 return
-            # Registered before a crash: the cache fills from Nomad on the next read.
+            # Registered before a crash, or by a pass whose status write lost a conflict: the
+            # cache fills from Nomad on the next read.
             self.stats.registrations -= 1
         else:
             self._cache.registered(key, registration.job, response.get("EvalID"))
@@ -683,32 +743,23 @@ class RunReconciler:
         finally:
             self.stats.register_seconds += loop.time() - started
 
-    async def _registration_failed(
-        self, work: _Pass, registration: _Registration, message: str
-    ) -> None:
+    def _registration_refused(self, work: _Pass, registration: _Registration, message: str) -> None:
         """Nomad refused the job (validation, unknown namespace): the attempt fails."""
-        run = await self._store.get(Run, *work.key)
-        status = run.status.model_copy(deep=True)
-        now = self._now()
         text = f"Nomad refused the job: {message}"
-        for step in status.steps:
+        for step in work.status.steps:
             if step.nomad_job_id != registration.key[1] or step.phase in TERMINAL_PHASES:
                 continue
-            if registration.step not in (step.name, RUNNER_STEP):
+            if registration.step not in (step.name, RUNNER_META_STEP):
                 continue
             step.phase = "failed"
-            step.end_time = now
+            step.end_time = work.now
             step.message = text
-        if registration.step == RUNNER_STEP:
+        if registration.step == RUNNER_META_STEP:
             # Without its runner an inline run cannot do anything.
-            status.phase = "failed"
-            status.end_time = now
-            status.message = text
-        self.stats.status_writes += 1
-        ended_steps = _newly_ended_steps(run.status, status)
-        written = await self._store.update_status(run.model_copy(update={"status": status}))
-        self._steps_ended(written, ended_steps)
-        self._cache.forget(registration.key)
+            work.status.phase = "failed"
+            work.status.end_time = work.now
+            work.status.message = text
+        work.finished_jobs.append(registration.key)
 
     async def _dispatch(self, parent: JobKey, identity: StepIdentity, owner: RunKey) -> JobKey:
         """Dispatch the step's parameterized job (idempotent per run, step and attempt)."""
@@ -752,13 +803,7 @@ class RunReconciler:
         assert status.nomad_job_id is not None
         key: JobKey = (status.nomad_namespace or "default", status.nomad_job_id)
         self._cache.track(key, work.key)
-        identity = StepIdentity(
-            namespace=work.run.metadata.namespace,
-            run=work.run.metadata.name,
-            flow=work.run.spec.flow,
-            step=step.name,
-            attempt=max(1, status.attempts),
-        )
+        identity = self._identity(work.run, step.name, max(1, status.attempts))
         if status.end_time is not None:
             # A failed attempt waiting for its retry.
             due = status.end_time + timedelta(seconds=self._backoff(status.attempts))
@@ -770,8 +815,8 @@ class RunReconciler:
             return
         observation = await self._observation(key)
         if observation.missing or observation.job is None:
-            # The intent was written but the job never registered (the controller stopped in
-            # between), or Nomad purged it: register it now, exactly as recorded.
+            # Recorded but not on Nomad: purged, or its register failed in a way that left
+            # the step recorded (a lost connection): register it now, exactly as recorded.
             try:
                 job = await self._render_spec_job(work.run, step, identity)
             except (Invalid, NomadError) as error:
@@ -790,7 +835,7 @@ class RunReconciler:
             job_observation.job or {},
             job_observation.evaluation,
         )
-        self._copy_logs(work, step.name, job_observation)
+        self._copy_logs(work.key, step.name, job_observation)
         if outcome.terminal:
             self._end_attempt(work, step, status, outcome, key)
             return
@@ -841,13 +886,20 @@ class RunReconciler:
             min(self._settings.retry_backoff_max, self._settings.retry_backoff * 2**exponent)
         )
 
-    def _copy_logs(self, work: _Pass, step: str, observation: JobObservation) -> None:
+    def allocation_started(self, owner: RunKey, observation: JobObservation) -> None:
+        """An allocation of the run's job started (the job cache's hook): its logs are followed
+        from now on, without a reconcile. A runner job's logs come from the runner instead."""
+        step = ((observation.job or {}).get("Meta") or {}).get(META_STEP)
+        if isinstance(step, str) and step != RUNNER_META_STEP:
+            self._copy_logs(owner, step, observation)
+
+    def _copy_logs(self, owner: RunKey, step: str, observation: JobObservation) -> None:
         """Follow the step's allocations' logs; tell the copier when they ended."""
         job = observation.job or {}
         task = _main_task(job)
         if task is None:
             return
-        namespace, run = work.key
+        namespace, run = owner
         version = job.get("Version")
         for alloc in observation.allocations.values():
             alloc_id = alloc.get("ID")
@@ -892,8 +944,8 @@ class RunReconciler:
             for status in work.status.steps:
                 status.nomad_job_id = job_id
                 status.nomad_namespace = key[0]
-            identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_STEP)
-            work.registrations.append(_Registration(RUNNER_STEP, key, job, identity))
+            identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_META_STEP)
+            work.registrations.append(_Registration(RUNNER_META_STEP, key, job, identity))
             return
         self._cache.track(key, work.key)
         states = {
@@ -906,8 +958,8 @@ class RunReconciler:
         observation = await self._observation(key)
         if observation.missing or observation.job is None:
             job = self._render_runner_job(run, job_id)
-            identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_STEP)
-            work.registrations.append(_Registration(RUNNER_STEP, key, job, identity))
+            identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_META_STEP)
+            work.registrations.append(_Registration(RUNNER_META_STEP, key, job, identity))
             return
         outcome = summarise_allocations(
             list(observation.allocations.values()), observation.job, observation.evaluation
@@ -943,7 +995,7 @@ class RunReconciler:
         inline = run.spec.flow_spec.inline
         assert inline is not None
         namespace, name = run.metadata.namespace, run.metadata.name
-        identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_STEP)
+        identity = StepIdentity(namespace, name, run.spec.flow, RUNNER_META_STEP)
         address = self._settings.controller_address()
         if address is None:
             raise ApiNotServingError("the controller's API is not serving yet; the runner needs it")

@@ -27,7 +27,12 @@ from nomad_pipeline.controller.manager import watch_store
 from nomad_pipeline.controller.runnertoken import load_or_create_secret
 from nomad_pipeline.controller.runtime import Controller, Request, Runnable
 from nomad_pipeline.nomad.client import NomadClient, new_session
-from nomad_pipeline.reconcilers.nomadwatch import JobCache, NomadEventSource, RunKey
+from nomad_pipeline.reconcilers.nomadwatch import (
+    JobCache,
+    JobObservation,
+    NomadEventSource,
+    RunKey,
+)
 from nomad_pipeline.reconcilers.run import RUN_KIND, RunReconciler, RunSettings
 from nomad_pipeline.reconcilers.speclogs import LogCopier
 from nomad_pipeline.resources.kinds import Run
@@ -144,7 +149,12 @@ def build_run_controller(
     def wake(owner: RunKey) -> None:
         enqueue(Request(RUN_KIND, owner[0], owner[1]))
 
-    cache = JobCache(wake)
+    reconcilers: list[RunReconciler] = []
+
+    def started(owner: RunKey, observation: JobObservation) -> None:
+        reconcilers[0].allocation_started(owner, observation)
+
+    cache = JobCache(wake, started)
     # Followed log streams stay open for as long as their steps run: on the client's pooled
     # session they would take every connection (aiohttp's pool holds 100) and make registers
     # wait behind them, so they get a session of their own without a connection limit.
@@ -162,6 +172,7 @@ def build_run_controller(
         settings=settings,
         enqueue=enqueue,
     )
+    reconcilers.append(reconciler)
     controller = Controller("runs", reconciler, workers=workers)
     controllers.append(controller)
     events = NomadEventSource(nomad, cache, wake)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nomad_pipeline.reconcilers.nomadwatch import JobCache
+from nomad_pipeline.reconcilers.nomadwatch import JobCache, JobObservation
 
 KEY = ("default", "r1-build")
 OWNER = ("ci", "r1")
@@ -39,20 +39,46 @@ def alloc_event(alloc_id: str, modify_index: int, client_status: str) -> dict[st
 
 
 def make_cache() -> tuple[JobCache, list[tuple[str, str]]]:
+    cache, woken, _ = make_cache_with_starts()
+    return cache, woken
+
+
+def make_cache_with_starts() -> tuple[JobCache, list[tuple[str, str]], list[list[str]]]:
+    """A cache, the runs it woke, and for each ``started`` call the allocations it saw."""
     woken: list[tuple[str, str]] = []
-    return JobCache(woken.append), woken
+    starts: list[list[str]] = []
+
+    def started(owner: tuple[str, str], observation: JobObservation) -> None:
+        assert owner == OWNER
+        starts.append(sorted(observation.allocations))
+
+    return JobCache(woken.append, started), woken, starts
 
 
-def test_task_events_of_a_pending_allocation_do_not_wake_the_run() -> None:
-    cache, woken = make_cache()
+def test_an_allocation_starting_calls_started_and_wakes_nobody() -> None:
+    cache, woken, starts = make_cache_with_starts()
     cache.track(KEY, OWNER)
     cache.fill(KEY, {"ID": KEY[1], "Status": "running", "ModifyIndex": 3}, [], None)
     cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "pending")]})
     cache.apply({"Index": 5, "Events": [alloc_event("a1", 5, "pending")]})
     # Nothing for the run to do until the allocation runs (placement failures are evaluations).
-    assert woken == []
+    assert woken == [] and starts == []
     cache.apply({"Index": 6, "Events": [alloc_event("a1", 6, "running")]})
-    assert woken == [OWNER]
+    # Starting changes nothing the run records: its logs are followed, no reconcile.
+    assert woken == [] and starts == [["a1"]]
+    cache.apply({"Index": 7, "Events": [alloc_event("a1", 7, "failed")]})
+    assert woken == [OWNER] and starts == [["a1"]]
+
+
+def test_an_allocation_starting_with_a_stop_requested_wakes_the_run() -> None:
+    cache, woken, starts = make_cache_with_starts()
+    cache.track(KEY, OWNER)
+    cache.fill(KEY, {"ID": KEY[1], "Status": "running", "ModifyIndex": 3}, [], None)
+    cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "pending")]})
+    stopping = alloc_event("a1", 5, "running")
+    stopping["Payload"]["Allocation"]["DesiredStatus"] = "stop"
+    cache.apply({"Index": 5, "Events": [stopping]})
+    assert woken == [OWNER] and starts == []
 
 
 def test_a_finished_jobs_late_events_wake_nobody() -> None:
@@ -83,7 +109,7 @@ def test_tracked_job_follows_events_and_newer_data_wins() -> None:
     cache.apply(
         {
             "Index": 9,
-            "Events": [alloc_event("a1", 8, "running"), alloc_event("a1", 9, "complete")],
+            "Events": [alloc_event("a1", 8, "running"), alloc_event("a1", 9, "failed")],
         }
     )
     # An older read arriving late does not roll the allocation back.
@@ -91,7 +117,7 @@ def test_tracked_job_follows_events_and_newer_data_wins() -> None:
     cache.apply({"Index": 7, "Events": [alloc_event("a1", 7, "pending")]})
     observation = cache.get(KEY)
     assert observation is not None
-    assert observation.allocations["a1"]["ClientStatus"] == "complete"
+    assert observation.allocations["a1"]["ClientStatus"] == "failed"
     # One wake-up per batch that changed something the run acts on; the stale one changed none.
     assert woken == [OWNER]
 
@@ -146,12 +172,12 @@ def test_a_completed_allocation_wakes_the_run_with_its_job_dead_in_either_order(
     cache.registered(KEY, {"ID": KEY[1], "TaskGroups": []}, "eval-1")
     cache.apply({"Index": 4, "Events": [alloc_event("a1", 4, "running")]})
     cache.apply({"Index": 5, "Events": [job_event(5, "running")]})
-    assert woken == [OWNER]
+    assert woken == []
     # The step ends when its job is dead: the completed allocation alone changes nothing yet.
     cache.apply({"Index": 6, "Events": [alloc_event("a1", 6, "complete")]})
-    assert woken == [OWNER]
+    assert woken == []
     cache.apply({"Index": 7, "Events": [job_event(7, "dead")]})
-    assert woken == [OWNER, OWNER]
+    assert woken == [OWNER]
 
     other, other_woken = make_cache()
     other.track(KEY, OWNER)

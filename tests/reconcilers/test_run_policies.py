@@ -46,11 +46,15 @@ async def test_concurrency_skip_and_cancel_oldest(stack: Stack) -> None:
         flow(spec_step("work", "sleep 30"), concurrency={"max": 1, "policy": "cancel-oldest"}),
     )
     oldest = await stack.start_run("newest-wins")
-    await stack.wait_run(oldest, until=lambda r: r.status.steps[0].phase == "running")
+    await stack.wait_run(
+        oldest, until=lambda r: bool(r.status.steps) and r.status.steps[0].phase == "running"
+    )
     newest = await stack.start_run("newest-wins")
     cancelled = await stack.wait_run(oldest)
     assert cancelled.status.phase == "cancelled"
-    started = await stack.wait_run(newest, until=lambda r: r.status.steps[0].phase == "running")
+    started = await stack.wait_run(
+        newest, until=lambda r: bool(r.status.steps) and r.status.steps[0].phase == "running"
+    )
     assert started.status.phase == "running"
     for name in (running, newest):
         async with stack.http.put(f"{stack.address}/v1/runs/{name}/cancel") as response:

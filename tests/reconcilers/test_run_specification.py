@@ -6,6 +6,10 @@ from pathlib import Path
 
 from run_harness import Stack, shell_job, spec_step
 
+from nomad_pipeline.resources.kinds import Run, RunSpec
+from nomad_pipeline.resources.meta import ObjectMeta
+from nomad_pipeline.resources.ulid import new_ulid
+
 
 async def test_sequential_flow_succeeds(stack: Stack) -> None:
     await stack.create_flow(
@@ -117,7 +121,9 @@ async def test_cancel_mid_run_stops_every_job(stack: Stack) -> None:
         {"specification": {"steps": [spec_step("long", "sleep 30"), spec_step("next", "true")]}},
     )
     run_id = await stack.start_run("cancel")
-    await stack.wait_run(run_id, until=lambda r: r.status.steps[0].phase == "running")
+    await stack.wait_run(
+        run_id, until=lambda r: bool(r.status.steps) and r.status.steps[0].phase == "running"
+    )
     async with stack.http.put(f"{stack.address}/v1/runs/{run_id}/cancel") as response:
         assert response.status == 200, await response.text()
     run = await stack.wait_run(run_id)
@@ -177,3 +183,47 @@ async def test_seed_style_name_format_and_condition(stack: Stack) -> None:
     first, handler = run.status.steps
     assert first.nomad_job_id == f"{run_id}-first"
     assert (first.phase, handler.phase, run.status.phase) == ("failed", "success", "failed")
+
+
+async def _register_as_a_crashed_controller(stack: Stack, job_id: str, script: str) -> None:
+    """A step's job on Nomad under its deterministic ID, never recorded in the run's status: what
+    a controller killed between its register and its status write leaves behind."""
+    await stack.nomad.register_job({**shell_job(script), "ID": job_id, "Name": job_id})
+
+
+async def test_a_registered_but_unrecorded_job_is_adopted_not_registered_again(
+    stack: Stack,
+) -> None:
+    flow = await stack.create_flow(
+        "adopt", {"specification": {"steps": [spec_step("one", "echo fresh")]}}
+    )
+    run_id = new_ulid()
+    await _register_as_a_crashed_controller(stack, f"{run_id}-one", "echo adopted")
+    await stack.app.store.create(
+        Run(metadata=ObjectMeta(name=run_id), spec=RunSpec(flow="adopt", flow_spec=flow.spec))
+    )
+    run = await stack.wait_run(run_id)
+    assert run.status.phase == "success", run.status
+    assert run.status.steps[0].nomad_job_id == f"{run_id}-one"
+    job, _ = await stack.nomad.get_job(f"{run_id}-one")
+    assert job["Version"] == 0
+    evaluations, _ = await stack.nomad.job_evaluations(f"{run_id}-one")
+    assert [e["TriggeredBy"] for e in evaluations] == ["job-register"]
+
+
+async def test_cancel_stops_a_job_registered_but_never_recorded(stack: Stack) -> None:
+    flow = await stack.create_flow(
+        "orphan", {"specification": {"steps": [spec_step("long", "sleep 30")]}}
+    )
+    run_id = new_ulid()
+    await _register_as_a_crashed_controller(stack, f"{run_id}-long", "sleep 30")
+    await stack.app.store.create(
+        Run(
+            metadata=ObjectMeta(name=run_id),
+            spec=RunSpec(flow="orphan", flow_spec=flow.spec, cancel=True),
+        )
+    )
+    run = await stack.wait_run(run_id)
+    assert run.status.phase == "cancelled", run.status
+    job, _ = await stack.nomad.get_job(f"{run_id}-long")
+    assert job["Stop"] is True
