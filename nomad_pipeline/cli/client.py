@@ -26,10 +26,9 @@ from nomad_pipeline.errors import (
     TooLarge,
     Unauthorized,
 )
-from nomad_pipeline.resources.meta import API_VERSION
+from nomad_pipeline.resources.names import API_VERSION
 
 NATIVE_PREFIX = f"/apis/{API_VERSION}"
-DEFAULT_ADDR = "http://127.0.0.1:8080"
 
 _ERRORS_BY_STATUS: dict[int, type[NomadPipelineError]] = {
     400: Invalid,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from nomad_pipeline.cli.client import ApiClient
+if TYPE_CHECKING:
+    from nomad_pipeline.cli.client import ApiClient
 
 
 @dataclass
@@ -21,6 +22,9 @@ class Context:
     stderr: TextIO
 
     def api(self) -> ApiClient:
+        # aiohttp (~0.2 s to import) loads only once a command talks to the controller.
+        from nomad_pipeline.cli.client import ApiClient
+
         return ApiClient(self.addr)
 
     def out(self, text: str) -> None:

@@ -3,12 +3,16 @@
 Client commands parse their arguments, make requests with aiohttp (one ``asyncio.run`` per
 command) and print. Exit codes: 0 success, 1 error (one line ``error: <reason>: <message>`` on
 stderr), 130 when interrupted (Ctrl-C ends ``get -w`` and ``logs -f``).
+
+Users type these commands all day, so start-up stays short: parsing the command line loads no
+asyncio, aiohttp (``client.py``, imported by ``Context.api()``), pydantic models, PyYAML or HCL
+parser; each command imports what it needs where it needs it (``tests/cli/test_startup.py``
+checks what ``--help`` and ``get`` load).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -16,12 +20,12 @@ from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from nomad_pipeline.cli import objects, runs, servers
-from nomad_pipeline.cli.client import DEFAULT_ADDR
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.output import OUTPUT_FORMATS, error_line
 from nomad_pipeline.errors import Invalid, NomadPipelineError
 
 ADDR_ENV = "NOMAD_PIPELINE_ADDR"
+DEFAULT_ADDR = "http://127.0.0.1:8080"
 DEFAULT_NAMESPACE = "default"
 EXIT_INTERRUPTED = 130
 
@@ -233,6 +237,9 @@ def main(
             return handler(args)
         ctx = _context(args, stdin, stdout, stderr)
         client_handler: ClientHandler = args.client_handler
+        # Only client commands need an event loop; --help and usage errors never load asyncio.
+        import asyncio
+
         return asyncio.run(client_handler(ctx, args))
     except NomadPipelineError as exc:
         stderr.write(error_line(exc) + "\n")

@@ -7,9 +7,8 @@ import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nomad_pipeline.cli.client import ApiClient, ControllerUnreachableError
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.describe import describe_object
 from nomad_pipeline.cli.output import (
@@ -28,10 +27,12 @@ from nomad_pipeline.cli.output import (
     unified_diff,
 )
 from nomad_pipeline.errors import Gone, Invalid, NomadPipelineError, NotFound
-from nomad_pipeline.resources.manifests import Manifest, load_paths, load_text
-from nomad_pipeline.resources.meta import Resource
-from nomad_pipeline.resources.registry import kind_for
-from nomad_pipeline.resources.schema import json_schemas
+from nomad_pipeline.resources.names import KindNames, kind_names_for
+
+if TYPE_CHECKING:
+    from nomad_pipeline.cli.client import ApiClient
+    from nomad_pipeline.resources.manifests import Manifest
+    from nomad_pipeline.resources.meta import Resource
 
 STDIN_PATH = "-"
 GITREPOSITORIES = "gitrepositories"
@@ -43,6 +44,9 @@ GITREPOSITORIES = "gitrepositories"
 def load_manifests(ctx: Context, files: Sequence[str], *, recursive: bool) -> list[Manifest]:
     """Every object of the ``-f`` arguments in order; ``-`` reads stdin. -n fills unset
     namespaces and must agree with namespaces the files spell out (kubectl's rule)."""
+    # The models and parsers (pydantic, PyYAML, python-hcl2) load only for commands reading files.
+    from nomad_pipeline.resources.manifests import load_paths, load_text
+
     manifests: list[Manifest] = []
     for entry in files:
         if entry == STDIN_PATH:
@@ -77,9 +81,9 @@ def wire_for_apply(obj: Resource) -> dict[str, Any]:
     return wire
 
 
-def _namespace_arg(ctx: Context, kind: type[Resource]) -> str | None:
+def _namespace_arg(ctx: Context, kind: KindNames) -> str | None:
     """The namespace segment for a request: None for cluster-scoped kinds and for -A lists."""
-    if not kind.NAMESPACED or ctx.all_namespaces:
+    if not kind.namespaced or ctx.all_namespaces:
         return None
     return ctx.namespace
 
@@ -110,11 +114,11 @@ async def diff_command(ctx: Context, args: argparse.Namespace) -> int:
             local = result.get("object")
             if not isinstance(local, dict):
                 raise NomadPipelineError("the controller's dry-run answer has no objects to diff")
-            kind = kind_for(str(local["kind"]))
+            kind = kind_names_for(str(local["kind"]))
             name = str(local["metadata"]["name"])
-            namespace = local["metadata"].get("namespace") if kind.NAMESPACED else None
-            stored = await _get_or_none(api, kind.PLURAL, namespace, name)
-            text = unified_diff(stored, local, label=kind_name(kind.KIND, name))
+            namespace = local["metadata"].get("namespace") if kind.namespaced else None
+            stored = await _get_or_none(api, kind.plural, namespace, name)
+            text = unified_diff(stored, local, label=kind_name(kind.kind, name))
             if text:
                 differs = True
                 ctx.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -135,30 +139,30 @@ async def _get_or_none(
 
 
 async def get_command(ctx: Context, args: argparse.Namespace) -> int:
-    kind = kind_for(args.kind)
+    kind = kind_names_for(args.kind)
     output: OutputFormat = args.output
-    with_namespace = kind.NAMESPACED and ctx.all_namespaces
+    with_namespace = kind.namespaced and ctx.all_namespaces
     # One named object lives in one namespace: -A only widens lists.
     namespace = (
-        (ctx.namespace if kind.NAMESPACED else None)
+        (ctx.namespace if kind.namespaced else None)
         if args.name is not None
         else _namespace_arg(ctx, kind)
     )
     async with ctx.api() as api:
         if args.name is not None:
-            obj = await api.get_object(kind.PLURAL, namespace, args.name)
+            obj = await api.get_object(kind.plural, namespace, args.name)
             objects, version = [obj], str(obj["metadata"].get("resource_version") or "0")
         else:
             objects, version = await api.list_objects(
-                kind.PLURAL, namespace, selector=args.selector
+                kind.plural, namespace, selector=args.selector
             )
             objects.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
-        table = Table(columns_for(kind.KIND, wide=output == "wide", with_namespace=with_namespace))
+        table = Table(columns_for(kind.kind, wide=output == "wide", with_namespace=with_namespace))
         if objects or (output in ("json", "yaml") and not args.watch):
-            _print_initial(ctx, objects, output=output, kind=kind.KIND, args=args, table=table)
+            _print_initial(ctx, objects, output=output, kind=kind.kind, args=args, table=table)
         elif not args.watch:
             where = "any namespace" if namespace is None else f"namespace {namespace!r}"
-            ctx.err(f"No {kind.PLURAL} found in {where}.")
+            ctx.err(f"No {kind.plural} found in {where}.")
         if args.watch:
             await _watch(
                 ctx,
@@ -212,7 +216,7 @@ def _print_watched(
 async def _watch(
     ctx: Context,
     api: ApiClient,
-    kind: type[Resource],
+    kind: KindNames,
     args: argparse.Namespace,
     *,
     namespace: str | None,
@@ -226,7 +230,7 @@ async def _watch(
     while True:
         try:
             async for event in api.watch(
-                kind.PLURAL, namespace, resource_version=resume_from, selector=args.selector
+                kind.plural, namespace, resource_version=resume_from, selector=args.selector
             ):
                 obj = event.get("object")
                 if not isinstance(obj, dict):
@@ -237,23 +241,23 @@ async def _watch(
                 _print_watched(ctx, obj, args.output, table, header=header)
                 header = False
         except Gone:
-            _, resume_from = await api.list_objects(kind.PLURAL, namespace, selector=args.selector)
+            _, resume_from = await api.list_objects(kind.plural, namespace, selector=args.selector)
 
 
 # --- describe / delete ----------------------------------------------------------------------
 
 
 async def describe_command(ctx: Context, args: argparse.Namespace) -> int:
-    kind = kind_for(args.kind)
+    kind = kind_names_for(args.kind)
     async with ctx.api() as api:
-        namespace = ctx.namespace if kind.NAMESPACED else None
-        obj = await api.get_object(kind.PLURAL, namespace, args.name)
+        namespace = ctx.namespace if kind.namespaced else None
+        obj = await api.get_object(kind.plural, namespace, args.name)
     ctx.out(describe_object(obj, ctx.now()))
     return 0
 
 
 async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
-    targets: list[tuple[type[Resource], str | None, str]] = []
+    targets: list[tuple[KindNames, str | None, str]] = []
     if args.filename:
         if args.kind is not None:
             raise Invalid("delete takes either KIND NAME... or -f FILE, not both")
@@ -261,20 +265,23 @@ async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
         # Namespaces last: a namespace that still holds objects cannot be deleted.
         manifests.sort(key=lambda manifest: not type(manifest.obj).NAMESPACED)
         for manifest in manifests:
-            kind = type(manifest.obj)
-            namespace = manifest.obj.metadata.namespace if kind.NAMESPACED else None
+            kind = kind_names_for(type(manifest.obj).KIND)
+            namespace = manifest.obj.metadata.namespace if kind.namespaced else None
             targets.append((kind, namespace, manifest.obj.metadata.name))
     else:
         if args.kind is None or not args.names:
             raise Invalid("delete needs KIND NAME... or -f FILE")
-        kind = kind_for(args.kind)
-        namespace = ctx.namespace if kind.NAMESPACED else None
+        kind = kind_names_for(args.kind)
+        namespace = ctx.namespace if kind.namespaced else None
         targets = [(kind, namespace, name) for name in args.names]
+    # The client module (aiohttp) is loaded by ctx.api() as well, for commands that reach here.
+    from nomad_pipeline.cli.client import ControllerUnreachableError
+
     failed = False
     async with ctx.api() as api:
         for kind, namespace, name in targets:
             try:
-                await api.delete_object(kind.PLURAL, namespace, name)
+                await api.delete_object(kind.plural, namespace, name)
             except ControllerUnreachableError:
                 raise
             except NomadPipelineError as exc:
@@ -284,7 +291,7 @@ async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
                 ctx.err(error_line(exc))
                 failed = True
                 continue
-            ctx.out(f"{kind_name(kind.KIND, name)} deleted")
+            ctx.out(f"{kind_name(kind.kind, name)} deleted")
     return 1 if failed else 0
 
 
@@ -292,12 +299,15 @@ async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def schema_command(ctx: Context, args: argparse.Namespace) -> int:
+    # The schemas are built from the pydantic models, which only this command needs.
+    from nomad_pipeline.resources.schema import json_schemas
+
     schemas = json_schemas()
     if args.kind is None:
         ctx.out(json.dumps(schemas, indent=2))
         return 0
-    kind = kind_for(args.kind)
-    ctx.out(json.dumps(schemas[kind.KIND], indent=2))
+    kind = kind_names_for(args.kind)
+    ctx.out(json.dumps(schemas[kind.kind], indent=2))
     return 0
 
 

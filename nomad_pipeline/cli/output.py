@@ -9,17 +9,18 @@ current time is always passed in.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
-
-import yaml
+from typing import TYPE_CHECKING, Any, Literal
 
 from nomad_pipeline.errors import NomadPipelineError
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES
-from nomad_pipeline.resources.meta import API_GROUP, API_VERSION
+from nomad_pipeline.resources.names import API_GROUP, API_VERSION, TERMINAL_PHASES
+
+if TYPE_CHECKING:
+    import yaml
 
 OutputFormat = Literal["table", "wide", "yaml", "json", "name"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("table", "wide", "yaml", "json", "name")
@@ -419,20 +420,29 @@ def render_table(
 # --- whole-object formats -------------------------------------------------------------------
 
 
-class _BlockStyleDumper(yaml.SafeDumper):
-    """Multi-line strings (scripts, jobspecs) print as ``|`` blocks, as people write them."""
-
-
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-_BlockStyleDumper.add_representer(str, _represent_str)
+@functools.cache
+def _block_style_dumper() -> type[yaml.SafeDumper]:
+    """A dumper printing multi-line strings (scripts, jobspecs) as ``|`` blocks, as people
+    write them; made on first use so that commands printing no YAML never load PyYAML."""
+    import yaml
+
+    class BlockStyleDumper(yaml.SafeDumper):
+        pass
+
+    BlockStyleDumper.add_representer(str, _represent_str)
+    return BlockStyleDumper
 
 
 def to_yaml(data: object) -> str:
-    return yaml.dump(data, Dumper=_BlockStyleDumper, sort_keys=False, allow_unicode=True)
+    # PyYAML is loaded by the commands that print YAML only (it adds ~20 ms to start-up).
+    import yaml
+
+    return yaml.dump(data, Dumper=_block_style_dumper(), sort_keys=False, allow_unicode=True)
 
 
 def to_json(data: object) -> str:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nomad_pipeline.cli.client import ApiClient
 from nomad_pipeline.cli.context import Context
 from nomad_pipeline.cli.output import dig, flow_steps, kind_name, run_steps
 from nomad_pipeline.errors import Invalid
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES
+from nomad_pipeline.resources.names import TERMINAL_PHASES
+
+if TYPE_CHECKING:
+    from nomad_pipeline.cli.client import ApiClient
 
 RUNS = "runs"
 LOG_STREAMS = ("stdout", "stderr")
@@ -117,6 +118,9 @@ async def follow_run(
 ) -> str:
     """Watches the run until its phase is final, printing transitions (and, with ``logs``,
     every step's output as it is written); returns the final phase."""
+    # Loaded by main's asyncio.run already; imported here, not above, so --help never loads it.
+    import asyncio
+
     printer = ProgressPrinter(ctx, run_id)
     run = await api.get_object(RUNS, namespace, run_id)
     async with asyncio.TaskGroup() as group:
@@ -193,6 +197,9 @@ async def logs_command(ctx: Context, args: argparse.Namespace) -> int:
             prefix=len(steps) > 1,
         )
         if args.follow:
+            # Loaded by main's asyncio.run already; imported here so --help never loads it.
+            import asyncio
+
             # Steps of a DAG run in parallel: follow them all at once, each line labelled.
             async with asyncio.TaskGroup() as group:
                 for step in steps:

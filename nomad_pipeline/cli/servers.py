@@ -1,19 +1,20 @@
 """Long-running commands: ``server`` (the controller), ``dev`` (agent + controller), ``dev-nomad``.
 
 They run in the foreground until SIGINT/SIGTERM, which the served components handle themselves.
-The composition root and the dev agent are imported here, not at module level, so client
-commands start without loading the controller.
+The composition root, the dev agent and asyncio are imported in the commands, not at module
+level, so client commands (and --help) start without loading the controller.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def server_command(args: argparse.Namespace) -> int:
+    import asyncio
+
     from nomad_pipeline.app import ControllerConfig, serve
 
     config = ControllerConfig(
@@ -29,6 +30,8 @@ def server_command(args: argparse.Namespace) -> int:
 
 
 def dev_command(args: argparse.Namespace) -> int:
+    import asyncio
+
     from nomad_pipeline.app import DevStack
 
     stack = DevStack(

@@ -22,7 +22,6 @@ import zoneinfo
 from datetime import datetime
 from typing import Any, ClassVar, Literal, Self
 
-from croniter import croniter
 from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
@@ -32,10 +31,12 @@ from pydantic import (
 )
 
 from nomad_pipeline.errors import Invalid
+from nomad_pipeline.resources import names
 from nomad_pipeline.resources.durations import Duration
 from nomad_pipeline.resources.expressions import KNOWN_ROOTS, parse_expression
 from nomad_pipeline.resources.jsonpath import parse_json_path
 from nomad_pipeline.resources.meta import API_GROUP, Resource, Status, StrictModel
+from nomad_pipeline.resources.names import Phase
 from nomad_pipeline.resources.templates import template_names
 from nomad_pipeline.resources.validation import FieldError
 from nomad_pipeline.resources.variables import (
@@ -52,8 +53,8 @@ ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STEP_ATTRIBUTES = frozenset({"status", "exit_code", "attempts", "message"})
 RUN_ATTRIBUTES = frozenset({"id", "name", "namespace", "flow"})
 
-Phase = Literal["pending", "running", "success", "failed", "cancelled", "skipped"]
-TERMINAL_PHASES: frozenset[str] = frozenset({"success", "failed", "cancelled", "skipped"})
+# Defined in ``names`` (importable without pydantic, for the CLI) with ``Phase``.
+TERMINAL_PHASES = names.TERMINAL_PHASES
 
 
 def _check_step_name(value: str) -> str:
@@ -617,6 +618,9 @@ def _check_cron(expression: str) -> str:
                 f"unknown cron macro {text!r}: use one of {', '.join(sorted(_CRON_MACROS))}"
             )
         return text
+    # croniter takes ~20 ms to import: only manifests with cron schedules pay for it.
+    from croniter import croniter
+
     if len(text.split()) != 5 or not croniter.is_valid(text):
         raise ValueError(
             f"invalid cron expression {expression!r}: expected 5 fields "

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hcl2
 import yaml
 from pydantic import ValidationError
 
@@ -348,20 +347,23 @@ def _type_name(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # The seed's HCL format
 
-_HCL_OPTIONS = hcl2.SerializationOptions(
-    with_comments=False,
-    explicit_blocks=True,
-    preserve_heredocs=False,
-    strip_string_quotes=True,
-)
 _BLOCK_MARK = "__is_block__"
 # Block types in the order they are applied: a flow's namespace must exist before the flow.
 _HCL_KINDS = ("namespace", "flow", "trigger")
 
 
 def _hcl_documents(text: str, filename: str) -> Iterator[_Document]:
+    # python-hcl2 and lark take ~0.1 s to import: only HCL manifests pay for them.
+    import hcl2
+
+    options = hcl2.SerializationOptions(
+        with_comments=False,
+        explicit_blocks=True,
+        preserve_heredocs=False,
+        strip_string_quotes=True,
+    )
     try:
-        parsed = hcl2.loads(text, serialization_options=_HCL_OPTIONS)
+        parsed = hcl2.loads(text, serialization_options=options)
     except Exception as error:  # python-hcl2 raises lark's errors, which carry line and column
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise Invalid(f"{filename}: invalid HCL: {first_line}", field="filename") from None

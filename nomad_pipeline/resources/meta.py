@@ -13,10 +13,13 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nomad_pipeline.resources import names
 from nomad_pipeline.resources.validation import FieldError
 
-API_GROUP = "nomad-pipeline.io"
-API_VERSION = f"{API_GROUP}/v1"
+# Defined in ``names`` (importable without pydantic, for the CLI); named here as well for the
+# code that works with the models.
+API_GROUP = names.API_GROUP
+API_VERSION = names.API_VERSION
 
 # DNS-1123-ish names as Kubernetes uses them, but also allowing the seed's underscores and dots
 # (seed step ids such as "run_build" and variables such as "trigger.git_sha").
