@@ -15,18 +15,25 @@ an unbroken stream:
   GETs once, after which events keep it current.
 
 Newer data always wins by ``ModifyIndex``, so a GET that raced an event never rolls it back.
+
+When the event stream is unavailable (it failed twice in a row: a cluster with the event broker
+disabled, a token that may not read it, a proxy that cuts long streams), blocking queries take
+over (``BlockingQueries``) until the stream delivers again: per tracked job, its allocations,
+the job and its evaluations, each answer fed to the cache as the events it stands for, so runs
+still advance within milliseconds of Nomad's change rather than at the 30 s resync.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nomad_pipeline.errors import NomadPipelineError
+from nomad_pipeline.errors import NomadPipelineError, NotFound
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.reconcilers.specjobs import META_NAMESPACE, META_RUN
 
@@ -146,6 +153,8 @@ class JobCache:
         # Jobs forgotten because their step or run is over (bounded, oldest dropped): their
         # late events (the job turning dead after its allocation ended) wake nobody.
         self._retired: OrderedDict[JobKey, None] = OrderedDict()
+        # Set whenever the tracked set changes (for the blocking-query fallback's watchers).
+        self.tracking_changed = asyncio.Event()
         self.last_index = 0
         self.events_applied = 0
 
@@ -157,16 +166,22 @@ class JobCache:
         previous = self._owners.get(key)
         if previous is not None and previous != owner:
             self._disown(key, previous)
+        if key not in self._owners:
+            self.tracking_changed.set()
         self._owners[key] = owner
         self._owned.setdefault(owner, set()).add(key)
         self._retired.pop(key, None)
         self._jobs.setdefault(key, JobObservation())
+
+    def tracked(self) -> set[JobKey]:
+        return set(self._owners)
 
     def forget(self, key: JobKey) -> None:
         """Stop caching ``key``, whose step or run is over."""
         owner = self._owners.pop(key, None)
         if owner is not None:
             self._disown(key, owner)
+            self.tracking_changed.set()
         self._jobs.pop(key, None)
         self._retired[key] = None
         if len(self._retired) > _RETIRED_JOBS:
@@ -242,7 +257,8 @@ class JobCache:
         return sorted(set(self._owners.values()))
 
     def apply(self, batch: Mapping[str, Any]) -> None:
-        """Apply one event-stream batch (``{"Index": N, "Events": [...]}``); wake owners."""
+        """Apply one event-stream batch (``{"Index": N, "Events": [...]}``); wake owners. A
+        batch without ``Index`` (made from a read) leaves the stream's resume index alone."""
         index = batch.get("Index")
         if isinstance(index, int):
             self.last_index = max(self.last_index, index)
@@ -322,12 +338,19 @@ class JobCache:
 EVENT_TOPICS = ("Job", "Allocation", "Evaluation")
 
 
+# After this many consecutive failures of the event stream, blocking queries take over.
+FALLBACK_AFTER_FAILURES = 2
+# How long each blocking query of the fallback waits for a change.
+FALLBACK_WAIT = "60s"
+
+
 class NomadEventSource:
     """Feeds the cache from Nomad's event stream (all namespaces), resuming by index.
 
     After any break the cache is distrusted (Nomad's small event buffer may have dropped events
     without saying so) and every run with tracked jobs is reconciled again, which re-reads Nomad
-    once and carries on from the stream.
+    once and carries on from the stream. A stream that keeps failing hands over to blocking
+    queries until it delivers again.
     """
 
     def __init__(
@@ -343,6 +366,7 @@ class NomadEventSource:
         self._wake = wake
         self._retry_cap = retry_cap
         self.reconnects = 0
+        self.fallback: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -350,21 +374,142 @@ class NomadEventSource:
 
     async def run(self) -> None:
         failures = 0
-        while True:
+        try:
+            while True:
+                try:
+                    async for batch in self._nomad.event_stream(
+                        EVENT_TOPICS, index=self._cache.last_index, namespace="*"
+                    ):
+                        failures = 0
+                        await self._stop_fallback()
+                        self._cache.apply(batch)
+                except NomadPipelineError as error:
+                    failures += 1
+                    self.reconnects += 1
+                    delay = min(self._retry_cap, 0.05 * 2**failures)
+                    logger.warning(
+                        "Nomad event stream broke, resuming",
+                        extra={
+                            "error": str(error),
+                            "index": self._cache.last_index,
+                            "retry_in": delay,
+                        },
+                    )
+                    if self.fallback is None:
+                        # Events may have been lost in the break; while the fallback runs it
+                        # keeps the cache current instead.
+                        for owner in self._cache.invalidate():
+                            self._wake(owner)
+                    if failures >= FALLBACK_AFTER_FAILURES and self.fallback is None:
+                        logger.warning(
+                            "Nomad event stream unavailable; following jobs by blocking queries"
+                        )
+                        self.fallback = asyncio.create_task(
+                            BlockingQueries(self._nomad, self._cache).run(),
+                            name="nomad-blocking-queries",
+                        )
+                    await asyncio.sleep(delay)
+        finally:
+            await self._stop_fallback()
+
+    async def _stop_fallback(self) -> None:
+        fallback, self.fallback = self.fallback, None
+        if fallback is None:
+            return
+        logger.info("Nomad event stream is back; blocking queries stop")
+        fallback.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fallback
+
+
+class BlockingQueries:
+    """Follows every tracked job with blocking queries while the event stream is unavailable."""
+
+    def __init__(self, nomad: NomadClient, cache: JobCache, *, retry_cap: float = 5.0) -> None:
+        self._nomad = nomad
+        self._cache = cache
+        self._retry_cap = retry_cap
+
+    async def run(self) -> None:
+        watchers: dict[JobKey, asyncio.Task[None]] = {}
+        try:
+            while True:
+                self._cache.tracking_changed.clear()
+                tracked = self._cache.tracked()
+                for key in tracked - watchers.keys():
+                    watchers[key] = asyncio.create_task(
+                        self._watch(key), name=f"nomad-blocking-{key[1]}"
+                    )
+                for key in watchers.keys() - tracked:
+                    watchers.pop(key).cancel()
+                await self._cache.tracking_changed.wait()
+        finally:
+            for task in watchers.values():
+                task.cancel()
+            for task in watchers.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _watch(self, key: JobKey) -> None:
+        async with asyncio.TaskGroup() as readers:
+            readers.create_task(self._follow(key, self._allocations))
+            readers.create_task(self._follow(key, self._job))
+            readers.create_task(self._follow(key, self._evaluations))
+
+    async def _follow(
+        self,
+        key: JobKey,
+        read: Callable[[JobKey, int], Awaitable[tuple[list[NomadObject], int | None]]],
+    ) -> None:
+        """Repeat one blocking read, feeding each answer to the cache, until the read says
+        there is nothing more to wait for (index None); errors back off."""
+        index: int | None = 0
+        failures = 0
+        while index is not None:
             try:
-                async for batch in self._nomad.event_stream(
-                    EVENT_TOPICS, index=self._cache.last_index, namespace="*"
-                ):
-                    failures = 0
-                    self._cache.apply(batch)
+                events, index = await read(key, index)
             except NomadPipelineError as error:
                 failures += 1
-                self.reconnects += 1
                 delay = min(self._retry_cap, 0.05 * 2**failures)
                 logger.warning(
-                    "Nomad event stream broke, resuming",
-                    extra={"error": str(error), "index": self._cache.last_index, "retry_in": delay},
+                    "blocking query failed, retrying",
+                    extra={"job": key[1], "error": str(error), "retry_in": delay},
                 )
-                for owner in self._cache.invalidate():
-                    self._wake(owner)
                 await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if events:
+                self._cache.apply({"Events": events})
+
+    async def _allocations(self, key: JobKey, index: int) -> tuple[list[NomadObject], int | None]:
+        namespace, job_id = key
+        allocations, new_index = await self._nomad.job_allocations(
+            job_id, namespace=namespace, index=index, wait=FALLBACK_WAIT
+        )
+        return [
+            {"Topic": "Allocation", "Namespace": namespace, "Payload": {"Allocation": alloc}}
+            for alloc in allocations
+        ], new_index
+
+    async def _job(self, key: JobKey, index: int) -> tuple[list[NomadObject], int | None]:
+        namespace, job_id = key
+        try:
+            job, new_index = await self._nomad.get_job(
+                job_id, namespace=namespace, index=index, wait=FALLBACK_WAIT
+            )
+        except NotFound:
+            # Purged: nothing more to wait for (registering it again is a reconcile's doing,
+            # and that reconcile reads the job itself).
+            deleted = {"Job": {"ID": job_id, "Namespace": namespace}, "Deleted": True}
+            return [{"Topic": "Job", "Namespace": namespace, "Payload": deleted}], None
+        return [{"Topic": "Job", "Namespace": namespace, "Payload": {"Job": job}}], new_index
+
+    async def _evaluations(self, key: JobKey, index: int) -> tuple[list[NomadObject], int | None]:
+        namespace, job_id = key
+        evaluations, new_index = await self._nomad.job_evaluations(
+            job_id, namespace=namespace, index=index, wait=FALLBACK_WAIT
+        )
+        return [
+            {"Topic": "Evaluation", "Namespace": namespace, "Payload": {"Evaluation": evaluation}}
+            for evaluation in sorted(evaluations, key=lambda e: int(e.get("ModifyIndex") or 0))
+        ], new_index
