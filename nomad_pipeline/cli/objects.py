@@ -225,13 +225,19 @@ async def _watch(
     header: bool,
 ) -> None:
     """A row per change until interrupted; resumes after the server ends the stream, and
-    re-lists (printing nothing again) when the version expired."""
+    re-lists (printing nothing again) when the version expired. A server that ended the stream
+    and no longer answers is going away: that ends the watch with a note, not an error."""
+    # The client module (aiohttp) is loaded by ctx.api() already, for commands that reach here.
+    from nomad_pipeline.cli.client import ControllerUnreachableError
+
     resume_from: str | None = version
+    stream_ended = False
     while True:
         try:
             async for event in api.watch(
                 kind.plural, namespace, resource_version=resume_from, selector=args.selector
             ):
+                stream_ended = False
                 obj = event.get("object")
                 if not isinstance(obj, dict):
                     continue
@@ -242,6 +248,13 @@ async def _watch(
                 header = False
         except Gone:
             _, resume_from = await api.list_objects(kind.plural, namespace, selector=args.selector)
+            continue
+        except ControllerUnreachableError:
+            if not stream_ended:
+                raise
+            ctx.err("watch ended: the server closed the stream")
+            return
+        stream_ended = True
 
 
 # --- describe / delete ----------------------------------------------------------------------

@@ -229,8 +229,8 @@ class ObjectCache:
 
     Every change goes through :meth:`record`, which gives it a store-wide version strictly
     greater than the previous one (and at least the backend's own index for the change), keeps
-    it in a bounded history and wakes watchers. Watchers resuming from a version older than the
-    history's floor get Gone.
+    it in a bounded history (each MODIFIED/DELETED event with the object it replaced) and wakes
+    watchers. Watchers resuming from a version older than the history's floor get Gone.
     """
 
     def __init__(self, history_size: int = DEFAULT_HISTORY_SIZE) -> None:
@@ -265,13 +265,17 @@ class ObjectCache:
     def record(self, event_type: WatchEventType, obj: Resource, at_least: int = 0) -> WatchEvent:
         version = max(self.resource_version + 1, at_least)
         table = self._objects.setdefault(obj.kind, {})
+        # The replaced object rides along with the event (a reference, not a copy), so a watch
+        # replayed from the history still knows what each change changed from.
+        previous: Resource | None
         if event_type == "DELETED":
-            table.pop(obj.key, None)
+            previous = table.pop(obj.key, None)
             # As in Kubernetes, a deleted object carries the version of its deletion.
             obj = with_version(obj, version)
         else:
+            previous = table.get(obj.key) if event_type == "MODIFIED" else None
             table[obj.key] = obj
-        event = WatchEvent(type=event_type, object=obj, resource_version=version)
+        event = WatchEvent(type=event_type, object=obj, resource_version=version, previous=previous)
         self.resource_version = version
         self._history.append(event)
         if len(self._history) > self._history_size:
@@ -349,7 +353,13 @@ class ObjectCache:
                 if namespace is not None and obj.metadata.namespace != namespace:
                     continue
                 if kind is not None and not isinstance(obj, kind):
-                    yield WatchEvent(event.type, as_kind(kind, obj), event.resource_version)
+                    previous = event.previous
+                    yield WatchEvent(
+                        event.type,
+                        as_kind(kind, obj),
+                        event.resource_version,
+                        None if previous is None else as_kind(kind, previous),
+                    )
                 else:
                     yield event
 

@@ -10,7 +10,9 @@ Semantics follow the Kubernetes API server:
   stale ``metadata.resource_version`` with Conflict (a None version means "unconditional").
 - ``delete`` refuses a stale resource_version with Conflict, raises NotFound when absent.
 - ``watch`` yields ADDED/MODIFIED/DELETED events after ``since``; a ``since`` older than what the
-  backend keeps raises Gone ("expired, re-list").
+  backend keeps raises Gone ("expired, re-list"). MODIFIED and DELETED events carry the object as
+  it was before the change in ``previous`` when the backend knows it (a label-selector watch
+  needs it to tell an object leaving the selection from one that never was in it).
 - An update that changes nothing (same spec, labels and annotations; or the same status) writes
   nothing and returns the stored object with its unchanged resource_version.
 
@@ -40,6 +42,9 @@ class WatchEvent:
     object: Resource
     # The store-wide resource version after this event; resume a watch from it.
     resource_version: int
+    # MODIFIED/DELETED: the object as stored before this change (shared, not a copy); None for
+    # ADDED, and when the backend did not hold the object before.
+    previous: Resource | None = None
 
 
 @dataclass(frozen=True, slots=True)

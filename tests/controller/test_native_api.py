@@ -19,8 +19,6 @@ from controller_api_helpers import (
     trigger,
 )
 
-from nomad_pipeline.controller.api import WATCHES
-
 
 async def test_every_kind_round_trips_through_apply_get_list_delete(api: Api) -> None:
     objects = [
@@ -425,33 +423,6 @@ async def test_lists_show_current_objects_after_changes(api: Api) -> None:
     _, got = await api.call("GET", f"{API}/namespaces/default/flows/a")
     assert second["items"][0] == got
     assert int(second["metadata"]["resource_version"]) > int(first["metadata"]["resource_version"])
-
-
-async def test_open_watch_does_not_hold_up_shutdown(tmp_path: Any) -> None:
-    import aiohttp
-
-    from nomad_pipeline.controller.api.app import build_api, start_api
-    from nomad_pipeline.store.memory import MemoryStore
-
-    store = MemoryStore()
-    await store.start()
-    app = build_api(store, log_root=tmp_path)
-    server = await start_api(app, shutdown_timeout=30.0)
-    async with aiohttp.ClientSession() as session:
-        response = await session.get(f"{server.address}{API}/flows", params={"watch": "true"})
-        assert response.status == 200
-        async with asyncio.timeout(5):
-            while not app[WATCHES]:
-                await asyncio.sleep(0.005)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await server.stop()
-        assert loop.time() - started < 5.0, "shutdown waited for the watch's grace period"
-        # The stream is cut (the client re-lists and watches again once a server is back).
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await response.content.read()
-        response.release()
-    await store.close()
 
 
 async def test_field_manager_is_recorded_and_kept(api: Api) -> None:

@@ -257,6 +257,35 @@ async def test_watch_resumes_from_a_listed_version(store: CachingStore) -> None:
     assert summary(resumed) == [("DELETED", "Flow", "b")]
 
 
+async def test_watch_events_carry_the_object_they_replaced(store: CachingStore) -> None:
+    # Another kind's write first: ``since=0`` would mean "from now", not "from the start".
+    await store.create(Namespace.model_validate({"metadata": {"name": "ci"}}))
+    before = store.resource_version
+    live = store.watch(Flow, since=before)
+    created = await store.create(make_flow("a", labels={"team": "x"}))
+    relabelled = await store.update(make_flow("a", labels={"team": "y"}))
+    with_status = await store.update_status(
+        relabelled.model_copy(
+            update={"status": relabelled.status.model_copy(update={"observed_generation": 1})}
+        )
+    )
+    await store.delete(Flow, "default", "a")
+
+    replayed = store.watch(Flow, since=before)
+    for events in (await take(live, 4), await take(replayed, 4)):
+        assert summary(events) == [
+            ("ADDED", "Flow", "a"),
+            ("MODIFIED", "Flow", "a"),
+            ("MODIFIED", "Flow", "a"),
+            ("DELETED", "Flow", "a"),
+        ]
+        # The stored objects themselves, shared rather than copied; an ADDED has none.
+        assert [event.previous for event in events] == [None, created, relabelled, with_status]
+        assert events[1].previous is created
+        assert events[3].previous is with_status
+        assert [event.object.metadata.labels["team"] for event in events] == ["x", "y", "y", "y"]
+
+
 async def test_watch_from_now_sees_later_changes_filtered(store: CachingStore) -> None:
     await store.create(make_flow("before"))
     flows = store.watch(Flow, namespace="ci")

@@ -187,6 +187,37 @@ async def test_a_second_store_follows_the_first(
         await second.get(Flow, "default", "temp")
 
 
+async def test_changes_followed_from_another_store_carry_the_previous_object(
+    stores: tuple[NomadVarsStore, NomadVarsStore],
+) -> None:
+    first, second = stores
+    created = await first.create(make_flow())
+    async with asyncio.timeout(WAIT_SECONDS):
+        await second.wait_synced(int(created.metadata.resource_version or 0))
+        since = second.resource_version
+        followed = await second.get(Flow, "default", "build")
+        labels = {"team": "b"}
+        relabelled = await first.update(
+            created.model_copy(
+                update={"metadata": created.metadata.model_copy(update={"labels": labels})}
+            )
+        )
+        await second.wait_synced(int(relabelled.metadata.resource_version or 0))
+        followed_relabelled = await second.get(Flow, "default", "build")
+        deleted = await first.delete(Flow, "default", "build")
+        await second.wait_synced(int(deleted.metadata.resource_version or 0))
+
+    # Replayed from the second store's history: both changes came from its follower.
+    events = await take(second.watch(Flow, since=since), 2)
+    assert [(e.type, e.object.metadata.labels) for e in events] == [
+        ("MODIFIED", {"team": "b"}),
+        ("DELETED", {"team": "b"}),
+    ]
+    assert events[0].previous is followed
+    assert events[0].previous.metadata.labels == {"team": "a"}
+    assert events[1].previous is followed_relabelled
+
+
 async def test_changes_between_two_syncs_converge(
     stores: tuple[NomadVarsStore, NomadVarsStore],
 ) -> None:

@@ -22,6 +22,7 @@ LOG_ROOT = web.AppKey("log_root", Path)
 METRICS = web.AppKey("metrics", ApiMetrics)
 # Set once the store serves reads and the controllers run; /readyz answers 503 until then.
 READY = web.AppKey("ready", asyncio.Event)
-# Open watch streams and shielded writes, ended or awaited on shutdown.
+# Open streams cancelled on shutdown (log follows) and shielded writes awaited on shutdown.
+# Watch streams end cleanly instead, through ``watch.WATCH_STREAMS``.
 WATCHES = web.AppKey[set[asyncio.Task[Any]]]("watches")
 BACKGROUND = web.AppKey[set[asyncio.Task[Any]]]("background")

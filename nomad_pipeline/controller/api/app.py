@@ -24,6 +24,7 @@ from nomad_pipeline.controller.api.errors import Handler, error_middleware
 from nomad_pipeline.controller.api.native import setup_native_routes
 from nomad_pipeline.controller.api.openapi import openapi_document
 from nomad_pipeline.controller.api.seed import setup_seed_routes
+from nomad_pipeline.controller.api.watch import WATCH_STREAMS, WatchStreams
 from nomad_pipeline.controller.metrics import ApiMetrics
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
@@ -55,6 +56,7 @@ def build_api(
         ready.set()
     app[READY] = ready
     app[WATCHES] = set()
+    app[WATCH_STREAMS] = WatchStreams()
     app[BACKGROUND] = set()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -120,9 +122,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def _end_watches(app: web.Application) -> None:
-    # Watch streams never end on their own; without this, shutdown would wait its whole timeout.
-    watches = app[WATCHES]
-    for task in list(watches):
+    # Open streams never end on their own; without this, shutdown would wait its whole timeout.
+    # Watch streams end cleanly (their clients re-watch from their last resource version); the
+    # other streams registered in WATCHES (log follows) are cut.
+    app[WATCH_STREAMS].end_all()
+    streams = app[WATCHES]
+    for task in list(streams):
         task.cancel()
 
 
