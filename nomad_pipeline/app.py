@@ -63,9 +63,14 @@ class ControllerConfig:
     # The Nomad namespace holding the nomad-vars backend's variables.
     nomad_vars_namespace: str = "default"
     log_format: LogFormat = "text"
+    # The API's URL as runners in Nomad allocations reach it (inline flows); None: the bound
+    # address, a wildcard bind as loopback (right when Nomad runs on this host only).
+    advertise_addr: str | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.advertise_addr is not None:
+            self.advertise_addr = advertise_url(self.advertise_addr)
         if self.nomad_addr is None:
             self.nomad_addr = os.environ.get("NOMAD_ADDR") or DEFAULT_NOMAD_ADDR
         if self.nomad_token is None:
@@ -84,6 +89,25 @@ class ControllerConfig:
     @property
     def log_root(self) -> Path:
         return self.data_dir / "logs"
+
+
+def advertise_url(text: str) -> str:
+    """``http(s)://HOST:PORT`` (a bare ``HOST:PORT`` gets ``http://``), checked like an
+    ``http_addr``; a wildcard host is refused: runners elsewhere cannot reach it."""
+    address = text.strip().rstrip("/")
+    if not address.startswith(("http://", "https://")):
+        address = f"http://{address}"
+    try:
+        host, _ = parse_http_addr(address)
+    except Invalid as error:
+        raise Invalid(error.message, field="advertise_addr") from None
+    if host in ("", "0.0.0.0", "::"):
+        raise Invalid(
+            f"advertise address {text!r} names no host that runners could reach: give the "
+            "address of this machine as Nomad clients see it",
+            field="advertise_addr",
+        )
+    return address
 
 
 def parse_http_addr(text: str) -> tuple[str, int]:

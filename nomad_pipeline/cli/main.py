@@ -25,6 +25,7 @@ from nomad_pipeline.cli.output import OUTPUT_FORMATS, error_line
 from nomad_pipeline.errors import Invalid, NomadPipelineError
 
 ADDR_ENV = "NOMAD_PIPELINE_ADDR"
+ADVERTISE_ADDR_ENV = "NOMAD_PIPELINE_ADVERTISE_ADDR"
 DEFAULT_ADDR = "http://127.0.0.1:8080"
 DEFAULT_NAMESPACE = "default"
 EXIT_INTERRUPTED = 130
@@ -172,6 +173,14 @@ def _add_server_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     server.add_argument("--nomad-token", help="Nomad ACL token (env NOMAD_TOKEN)")
     server.add_argument("--state-backend", choices=["dev", "nomad-vars"], default="dev")
     server.add_argument("--log-format", choices=["text", "json"], default="text")
+    server.add_argument(
+        "--advertise-addr",
+        default=os.environ.get(ADVERTISE_ADDR_ENV),
+        metavar="URL",
+        help="the API's address as runners in Nomad allocations reach it, e.g. "
+        f"http://10.0.0.5:8080 (env {ADVERTISE_ADDR_ENV}; default: the --http-addr, a "
+        "wildcard as loopback, right only when Nomad runs on this host)",
+    )
     server.add_argument(
         "--state-nomad-vars-cache-enabled",
         nargs="?",

@@ -24,6 +24,7 @@ def server_command(args: argparse.Namespace) -> int:
         nomad_token=args.nomad_token,
         state_backend=args.state_backend,
         log_format=args.log_format,
+        advertise_addr=args.advertise_addr,
     )
     asyncio.run(serve(config))
     return 0

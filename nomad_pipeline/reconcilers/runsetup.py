@@ -96,6 +96,9 @@ class _ControllerConfig(Protocol):
     def data_dir(self) -> Path: ...
 
     @property
+    def advertise_addr(self) -> str | None: ...
+
+    @property
     def nomad_token(self) -> str | None: ...
 
 
@@ -120,7 +123,8 @@ class RunControllerContext(Protocol):
 
 
 def advertised(address: str | None) -> str | None:
-    """The API address as a runner on this host reaches it (a wildcard bind → loopback)."""
+    """The API address as a runner on this host reaches it (a wildcard bind → loopback), when
+    no ``advertise_addr`` is configured."""
     if address is None:
         return None
     for wildcard in ("0.0.0.0", "[::]"):
@@ -185,8 +189,9 @@ def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
     Reads (or creates) the runner token secret in the data directory, at start-up.
     """
     api_address = context.api_address
+    configured = context.config.advertise_addr
     settings = RunSettings(
-        controller_address=lambda: advertised(api_address()),
+        controller_address=lambda: configured or advertised(api_address()),
         runner_secret=load_or_create_secret(context.config.data_dir),
     )
     built = build_run_controller(

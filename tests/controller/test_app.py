@@ -62,6 +62,17 @@ def test_nomad_settings_default_from_environment(
         ControllerConfig(data_dir=tmp_path, state_backend="etcd")  # type: ignore[arg-type]
 
 
+def test_advertise_address_is_a_url_runners_can_reach(tmp_path: Path) -> None:
+    given = ControllerConfig(data_dir=tmp_path, advertise_addr="10.0.0.5:8080")
+    assert given.advertise_addr == "http://10.0.0.5:8080"
+    kept = ControllerConfig(data_dir=tmp_path, advertise_addr="https://ci.example:443/")
+    assert kept.advertise_addr == "https://ci.example:443"
+    for unreachable in ("0.0.0.0:8080", "http://[::]:8080", "no-port"):
+        with pytest.raises(Invalid) as refused:
+            ControllerConfig(data_dir=tmp_path, advertise_addr=unreachable)
+        assert refused.value.field == "advertise_addr"
+
+
 class FlowCounter:
     """A reconciler recording which flows it saw, to show the wiring end to end."""
 

@@ -66,16 +66,19 @@ class Stack:
             await asyncio.sleep(0.02)
 
 
-async def start_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def start_stack(
+    tmp_path: Path, *, http_addr: str = "127.0.0.1:0", advertise_addr: str | None = None
+) -> AsyncIterator[Stack]:
     agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "nomad"))
     nomad_address = await agent.start()
     app = ControllerApp(
         ControllerConfig(
             data_dir=tmp_path / "controller",
-            http_addr="127.0.0.1:0",
+            http_addr=http_addr,
             nomad_addr=nomad_address,
             nomad_token="",
             state_backend="dev",
+            advertise_addr=advertise_addr,
         )
     )
     try:

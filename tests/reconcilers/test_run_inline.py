@@ -5,7 +5,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from run_harness import Stack
+from ports import free_port
+from run_harness import Stack, start_stack
+
+from nomad_pipeline.reconcilers.inlinejob import ENV_CONTROLLER_ADDR
 
 
 def log_of(stack: Stack, run_id: str, step: str, stream: str = "stdout") -> Path:
@@ -79,3 +82,19 @@ async def test_hostile_variable_in_an_inline_flow(stack: Stack) -> None:
             await stack.wait_run(run_id, until=lambda _r, p=path: p.exists())
             assert path.read_text() == expected, step
         assert not marker.exists()
+
+
+async def test_runners_reach_the_controller_at_its_advertised_address(tmp_path: Path) -> None:
+    port = free_port()
+    # Bound on every interface, advertised under a name: runners get the name, not 0.0.0.0.
+    advertised = f"http://localhost:{port}"
+    async for stack in start_stack(
+        tmp_path, http_addr=f"0.0.0.0:{port}", advertise_addr=advertised
+    ):
+        await stack.create_flow("where", {"inline": {"steps": [{"name": "hi", "run": "echo hi"}]}})
+        run_id = await stack.start_run("where")
+        run = await stack.wait_run(run_id)
+        assert run.status.phase == "success", run.status
+        job, _ = await stack.nomad.get_job(f"where-{run_id}")
+        env = job["TaskGroups"][0]["Tasks"][0]["Env"]
+        assert env[ENV_CONTROLLER_ADDR] == advertised
