@@ -38,10 +38,12 @@ from nomad_pipeline.reconcilers.speclogs import LogCopier
 from nomad_pipeline.resources.kinds import Run
 from nomad_pipeline.store.interface import Store
 
-# Runs reconciled at once. A reconcile mostly waits (a status write, then a register), so the
-# bound is about how hard the controller may push Nomad and the store, not about CPU: at 100
-# concurrent runs 64 workers halved the transition latency of 16 on the dev agent.
-RUN_WORKERS = 64
+# Runs reconciled at once. A reconcile mostly waits (a register, then a status write), so the
+# bound is about how hard the controller may push Nomad and the store, not about CPU. It must
+# exceed the runs whose steps can end together: with 100 runs ending a step at once, 64 workers
+# left 36 reconciles queued behind the others' round trips and doubled the last ones' latency
+# (bench/runs.py p99 ~600-1100 ms, ~270-660 ms with 256), as 16 had against 64 before.
+RUN_WORKERS = 256
 
 
 class _LogCopierOwner:
