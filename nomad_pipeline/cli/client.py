@@ -193,8 +193,13 @@ class ApiClient:
             raise NomadPipelineError(f"the controller answered {body!r} for {plural}/{name}")
         return body
 
-    async def delete_object(self, plural: str, namespace: str | None, name: str) -> None:
-        await self.request("DELETE", self.resource_path(plural, namespace, name))
+    async def delete_object(self, plural: str, namespace: str | None, name: str) -> dict[str, Any]:
+        """The deleted object, or the object marked for deletion (``metadata.deletion_timestamp``
+        set) while finalizers hold it (the server answers 202 then)."""
+        body = await self.request("DELETE", self.resource_path(plural, namespace, name))
+        if not isinstance(body, dict):
+            raise NomadPipelineError(f"the controller answered {body!r} deleting {plural}/{name}")
+        return body
 
     async def apply(
         self, items: Sequence[Mapping[str, Any]], *, dry_run: bool

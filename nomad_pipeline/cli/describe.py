@@ -223,7 +223,8 @@ def _recorded_events(obj: Mapping[str, Any]) -> list[tuple[datetime, str, str]]:
     status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
     assert isinstance(status, Mapping)
     moments: list[tuple[object, str, str]] = [
-        (metadata.get("creation_timestamp"), "Created", f"{obj.get('kind', 'object')} created")
+        (metadata.get("creation_timestamp"), "Created", f"{obj.get('kind', 'object')} created"),
+        (metadata.get("deletion_timestamp"), "Deleting", "deletion requested"),
     ]
     if obj.get("kind") == "Run":
         moments.append((status.get("start_time"), "Started", "run started"))
@@ -288,7 +289,16 @@ def describe_object(obj: Mapping[str, Any], now: datetime) -> str:
         ("Generation", _value(metadata.get("generation"))),
         ("Resource Version", _value(metadata.get("resource_version"))),
         ("Created", _timestamp(metadata.get("creation_timestamp"), now)),
+        ("Finalizers", ", ".join(str(f) for f in metadata.get("finalizers") or []) or NONE),
     ]
+    if metadata.get("deletion_timestamp"):
+        waiting = ", ".join(str(f) for f in metadata.get("finalizers") or []) or NONE
+        pairs.append(
+            (
+                "Deletion requested",
+                f"{_timestamp(metadata['deletion_timestamp'], now)}, waiting for: {waiting}",
+            )
+        )
     lines = _fields(pairs)
     spec = obj.get("spec")
     lines.append("Spec:")

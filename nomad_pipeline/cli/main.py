@@ -125,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument(
         "--ignore-not-found", action="store_true", help="objects already gone are not an error"
     )
+    delete.add_argument(
+        "--wait",
+        nargs="?",
+        const=True,
+        default=True,
+        type=objects.parse_flag,
+        metavar="true|false",
+        help="wait until objects held by finalizers are gone (default true; --wait=false "
+        "returns once the deletion is requested)",
+    )
+    delete.add_argument(
+        "--timeout",
+        default=objects.DEFAULT_DELETE_TIMEOUT,
+        type=objects.parse_timeout,
+        metavar="DURATION",
+        help="how long --wait waits, e.g. 60s, 2m, 1m30s (default 60s)",
+    )
 
     schema = command("schema", objects.schema_command, "print the JSON Schema of the kinds")
     schema.add_argument("kind", nargs="?")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,14 +270,85 @@ async def describe_command(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+# ``delete --timeout`` when not given, as kubectl waits for finalizers by default.
+DEFAULT_DELETE_TIMEOUT = 60.0
+_FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_TIMEOUT_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Numbers with units (``1m30s``); "ms" before "m" so "5ms" is not read as minutes.
+_TIMEOUT_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_TIMEOUT_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")
+_TIMEOUT_WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h))+$")
+
+
+def parse_flag(text: str) -> bool:
+    """``--wait=false`` and friends: true/false, 1/0, yes/no."""
+    value = _FLAG_VALUES.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def parse_timeout(text: str) -> float:
+    """Seconds from ``60s``, ``2m``, ``1m30s``, ``500ms`` or a bare number of seconds."""
+    stripped = text.strip()
+    if _TIMEOUT_SECONDS.match(stripped):
+        return float(stripped)
+    if not _TIMEOUT_WHOLE.match(stripped):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected e.g. 60s, 2m, 1m30s or a number of seconds"
+        )
+    return sum(
+        float(number) * _TIMEOUT_UNITS[unit] for number, unit in _TIMEOUT_PART.findall(stripped)
+    )
+
+
+class DeletionTimeout(NomadPipelineError):
+    """``delete --wait`` gave up: finalizers still hold the object."""
+
+    http_status = 504
+    reason = "Timeout"
+
+
+def _finalizers(obj: Mapping[str, Any]) -> list[str]:
+    finalizers = dig(obj, "metadata", "finalizers")
+    return [str(name) for name in finalizers] if isinstance(finalizers, list) else []
+
+
+async def _wait_gone(
+    api: ApiClient, kind: KindNames, namespace: str | None, name: str, seconds: float
+) -> Mapping[str, Any] | None:
+    """None once the object is gone; the object as last seen if it is still there after
+    ``seconds`` (its finalizers are what the deletion waits for)."""
+    import asyncio
+
+    latest: Mapping[str, Any] | None = None
+    try:
+        async with asyncio.timeout(seconds):
+            latest = await api.get_object(kind.plural, namespace, name)
+            version = str(dig(latest, "metadata", "resource_version") or "0")
+            updates = api.object_updates(kind.plural, namespace, name, resource_version=version)
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    latest = update
+    except NotFound:
+        return None
+    except TimeoutError:
+        pass
+    if latest is None:
+        # Not even read back in time: ask once more, without a deadline on the answer.
+        try:
+            latest = await api.get_object(kind.plural, namespace, name)
+        except NotFound:
+            return None
+    return latest
+
+
 async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
     targets: list[tuple[KindNames, str | None, str]] = []
     if args.filename:
         if args.kind is not None:
             raise Invalid("delete takes either KIND NAME... or -f FILE, not both")
         manifests = load_manifests(ctx, args.filename, recursive=args.recursive)
-        # Namespaces last: a namespace that still holds objects cannot be deleted.
-        manifests.sort(key=lambda manifest: not type(manifest.obj).NAMESPACED)
         for manifest in manifests:
             kind = kind_names_for(type(manifest.obj).KIND)
             namespace = manifest.obj.metadata.namespace if kind.namespaced else None
@@ -287,25 +359,77 @@ async def delete_command(ctx: Context, args: argparse.Namespace) -> int:
         kind = kind_names_for(args.kind)
         namespace = ctx.namespace if kind.namespaced else None
         targets = [(kind, namespace, name) for name in args.names]
-    # The client module (aiohttp) is loaded by ctx.api() as well, for commands that reach here.
+    # asyncio and the client module (aiohttp) are loaded by ctx.api() as well, for commands
+    # that reach here.
+    import asyncio
+
     from nomad_pipeline.cli.client import ControllerUnreachableError
 
     failed = False
     async with ctx.api() as api:
-        for kind, namespace, name in targets:
-            try:
-                await api.delete_object(kind.plural, namespace, name)
-            except ControllerUnreachableError:
-                raise
-            except NomadPipelineError as exc:
-                # Like kubectl: report this one and go on with the others.
-                if isinstance(exc, NotFound) and args.ignore_not_found:
+        deadline = asyncio.get_running_loop().time() + args.timeout
+        # Namespaced objects first, waited for before namespaces: a namespace still holding
+        # objects (held by finalizers) cannot be deleted.
+        for scope in (True, False):
+            held: list[tuple[KindNames, str | None, str]] = []
+            for kind, namespace, name in targets:
+                if kind.namespaced != scope:
                     continue
-                ctx.err(error_line(exc))
+                try:
+                    answer = await api.delete_object(kind.plural, namespace, name)
+                except ControllerUnreachableError:
+                    raise
+                except NomadPipelineError as exc:
+                    # Like kubectl: report this one and go on with the others.
+                    if isinstance(exc, NotFound) and args.ignore_not_found:
+                        continue
+                    ctx.err(error_line(exc))
+                    failed = True
+                    continue
+                label = kind_name(kind.kind, name)
+                if not dig(answer, "metadata", "deletion_timestamp"):
+                    ctx.out(f"{label} deleted")
+                elif args.wait:
+                    held.append((kind, namespace, name))
+                else:
+                    pending = ", ".join(_finalizers(answer))
+                    ctx.out(f"{label} deletion requested (finalizers: {pending})")
+            # Every delete of the batch is sent before waiting, as kubectl does.
+            if held and not await _all_gone(ctx, api, held, deadline, args.timeout):
                 failed = True
-                continue
-            ctx.out(f"{kind_name(kind.kind, name)} deleted")
     return 1 if failed else 0
+
+
+async def _all_gone(
+    ctx: Context,
+    api: ApiClient,
+    held: list[tuple[KindNames, str | None, str]],
+    deadline: float,
+    waited: float,
+) -> bool:
+    """Print each object's deletion as it completes, until the loop-clock ``deadline``; False
+    (each reported with its pending finalizers) if any is still there when it passes."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    all_gone = True
+    for kind, namespace, name in held:
+        label = kind_name(kind.kind, name)
+        remaining = await _wait_gone(api, kind, namespace, name, max(0.0, deadline - loop.time()))
+        if remaining is None:
+            ctx.out(f"{label} deleted")
+            continue
+        pending = ", ".join(_finalizers(remaining)) or NONE
+        ctx.err(
+            error_line(
+                DeletionTimeout(
+                    f"{label} is still being deleted after {waited:g}s, waiting for finalizers: "
+                    f"{pending} (see `nomad-pipeline describe {kind.plural} {name}`)"
+                )
+            )
+        )
+        all_gone = False
+    return all_gone
 
 
 # --- schema / sync --------------------------------------------------------------------------

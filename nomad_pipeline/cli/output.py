@@ -98,7 +98,10 @@ def kind_name(kind: str, name: str) -> str:
 
 
 def status_summary(obj: Mapping[str, Any]) -> str:
-    """One word for the STATUS column: the phase, else the Ready condition, else Active."""
+    """One word for the STATUS column: Deleting while finalizers hold a deleted object, else
+    the phase, else the Ready condition, else Active."""
+    if dig(obj, "metadata", "deletion_timestamp"):
+        return "Deleting"
     phase = dig(obj, "status", "phase")
     if isinstance(phase, str) and phase:
         return phase
@@ -222,6 +225,9 @@ _run_flow = _text_at("spec", "flow")
 
 
 def _run_phase(obj: Mapping[str, Any], _now: datetime) -> str:
+    # A run being deleted is on its way out whatever its phase (its jobs are being stopped).
+    if dig(obj, "metadata", "deletion_timestamp"):
+        return "deleting"
     return _text(dig(obj, "status", "phase") or "pending")
 
 

@@ -2,6 +2,9 @@
 
 - An object in a namespace that does not exist is refused (Invalid, naming the namespace).
 - A namespace that still holds objects is not deleted (Conflict), nor is ``default``.
+- A Run and a GitRepository are created with their controller's finalizer
+  (:func:`with_initial_finalizers`), so deleting one first lets its reconciler clean up: a run's
+  Nomad jobs are stopped, a pruning repository's objects deleted.
 - A flow's specification jobs carry their jobspec content: a ``path`` is resolved to content by
   the manifest loader at load time, so a bare path arriving over the API is refused (Invalid,
   naming the field), since the server cannot read the client's files.
@@ -11,14 +14,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Sequence
+from typing import TypeVar
 
 from nomad_pipeline.errors import AlreadyExists, Conflict, Invalid, NomadPipelineError, NotFound
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Namespace, Run
-from nomad_pipeline.resources.meta import Resource
+from nomad_pipeline.resources.kinds import Flow, GitRepository, Namespace, Run
+from nomad_pipeline.resources.meta import API_GROUP, Resource
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
 
+R = TypeVar("R", bound=Resource)
+
 DEFAULT_NAMESPACE = "default"
+
+# The run reconciler stops the run's Nomad jobs and deletes its logs, then removes this.
+STOP_JOBS_FINALIZER = f"{API_GROUP}/stop-jobs"
+# The GitRepository reconciler deletes the objects it applied (with ``spec.prune``), then
+# removes this.
+PRUNE_FINALIZER = f"{API_GROUP}/prune"
+
+INITIAL_FINALIZERS: dict[str, str] = {
+    Run.KIND: STOP_JOBS_FINALIZER,
+    GitRepository.KIND: PRUNE_FINALIZER,
+}
+
+
+def with_initial_finalizers(obj: R) -> R:
+    """``obj`` as it is to be created: with its kind's finalizer (part of the create itself,
+    never a second write). Other kinds, and objects that already carry it, are returned as is."""
+    finalizer = INITIAL_FINALIZERS.get(obj.kind)
+    if finalizer is None or finalizer in obj.metadata.finalizers:
+        return obj
+    metadata = obj.metadata.model_copy(update={"finalizers": [*obj.metadata.finalizers, finalizer]})
+    return obj.model_copy(update={"metadata": metadata})
 
 
 async def admit(store: Store, obj: Resource, *, namespaces_in_batch: Collection[str] = ()) -> None:
@@ -65,16 +92,8 @@ def check_flow(flow: Flow) -> None:
 
 
 async def check_deletable(store: Store, kind: type[Resource], namespace: str, name: str) -> None:
-    """Refuse to delete ``default``, a namespace that still holds objects, or a run that has
-    not finished (its Nomad jobs would keep running with nothing left to stop them)."""
-    if issubclass(kind, Run):
-        run = await store.get(Run, namespace, name)
-        if run.status.phase not in TERMINAL_PHASES:
-            raise Conflict(
-                f"run {namespace}/{name} is {run.status.phase}: cancel it first "
-                f"(nomad-pipeline cancel {name} -n {namespace}), then delete it"
-            )
-        return
+    """Refuse to delete ``default`` or a namespace that still holds objects. (A running run may
+    be deleted: its finalizer has the run reconciler stop its Nomad jobs first.)"""
     if not issubclass(kind, Namespace):
         return
     if name == DEFAULT_NAMESPACE:

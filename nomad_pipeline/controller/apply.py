@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from nomad_pipeline.controller.admission import admit, admit_all
+from nomad_pipeline.controller.admission import admit, admit_all, with_initial_finalizers
 from nomad_pipeline.errors import Conflict, Invalid, NotFound
 from nomad_pipeline.resources.meta import API_GROUP, Resource
 from nomad_pipeline.store.interface import Store
@@ -118,7 +118,7 @@ async def _apply_once(
                 f"{wanted_version} was given",
                 field="metadata.resource_version",
             )
-        fresh = _with_manager(obj, obj.metadata.annotations, field_manager)
+        fresh = with_initial_finalizers(_with_manager(obj, obj.metadata.annotations, field_manager))
         if dry_run:
             return ApplyResult("created", fresh)
         return ApplyResult("created", await store.create(fresh))

@@ -15,6 +15,12 @@ Rules that keep a repository from doing harm:
 
 A fetch is due ``spec.interval`` after the previous one, at once after a spec change, or when
 the ``nomad-pipeline.io/reconcile-requested-at`` annotation carries a value not yet handled.
+
+Deletion (as Flux's Kustomization): a GitRepository is created with the finalizer
+``nomad-pipeline.io/prune``. Once it is being deleted nothing is fetched or applied any more;
+with ``prune: true`` every object it owns is deleted (the pruning code with nothing declared),
+and the finalizer is removed when that succeeded; with ``prune: false`` (or ``suspend: true``)
+the objects stay and the finalizer is removed at once.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nomad_pipeline.controller.admission import PRUNE_FINALIZER
 from nomad_pipeline.controller.apply import apply
 from nomad_pipeline.controller.manager import watch_store
 from nomad_pipeline.controller.runtime import Controller, Request, Result, Runnable
@@ -146,6 +153,8 @@ class GitRepositoryReconciler:
             repository = await self._store.get(GitRepository, request.namespace, request.name)
         except NotFound:
             return Result()
+        if repository.metadata.deleting:
+            return await self._finalize(repository)
         now = self._clock()
         generation = repository.metadata.generation
         if repository.spec.suspend:
@@ -335,7 +344,8 @@ class GitRepositoryReconciler:
             owned = await self._store.list(kind, None, selector=selector)
             for obj in owned.items:
                 key = (kind.KIND, obj.metadata.namespace, obj.metadata.name)
-                if key in desired:
+                # Already being deleted (a run stopping its jobs): asked once is enough.
+                if key in desired or obj.metadata.deleting:
                     continue
                 try:
                     await self._store.delete(
@@ -354,6 +364,31 @@ class GitRepositoryReconciler:
                     "pruned an object that left the repository",
                     extra={"gitrepository": owner_value(repository), "object": _describe(*key)},
                 )
+
+    async def _finalize(self, repository: GitRepository) -> Result:
+        """Being deleted: with ``prune`` (and not suspended), delete every owned object
+        (nothing is declared any more), then remove our finalizer; the store then deletes the
+        repository. If an object could not be deleted (a stale read, a conflict) the finalizer
+        is kept and the pass retried with backoff."""
+        if PRUNE_FINALIZER not in repository.metadata.finalizers:
+            return Result()
+        # A suspended repository touches nothing, on deletion too (as Flux).
+        if repository.spec.prune and not repository.spec.suspend:
+            outcome = SyncOutcome()
+            await self._prune(repository, set(), outcome)
+            if outcome.prune_errors:
+                raise Conflict(
+                    f"GitRepository {owner_value(repository)} is being deleted but not every "
+                    f"object it applied could be: {'; '.join(outcome.prune_errors)}"
+                )
+        remaining = [name for name in repository.metadata.finalizers if name != PRUNE_FINALIZER]
+        metadata = repository.metadata.model_copy(update={"finalizers": remaining})
+        await self._store.update(repository.model_copy(update={"metadata": metadata}))
+        logger.info(
+            "git repository finalized for deletion",
+            extra={"gitrepository": owner_value(repository), "pruned": repository.spec.prune},
+        )
+        return Result()
 
     async def _write_status(self, repository: GitRepository, **changes: Any) -> GitRepository:
         """Write status fields with the resource-version precondition; skip no-op writes."""

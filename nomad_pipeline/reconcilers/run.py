@@ -24,12 +24,18 @@ also stop the jobs the plan may have registered for pending and retrying steps.
 
 Cancel is ``spec.cancel: true`` on the Run (``PUT /v1/runs/{id}/cancel`` sets it): being in the
 spec, it survives restarts and is seen by whichever controller reconciles the run next.
+
+Deletion: every Run is created with the finalizer ``nomad-pipeline.io/stop-jobs``, so deleting
+it (a user, or retention) only sets ``metadata.deletion_timestamp``. The next reconcile then
+stops every Nomad job of the run exactly as cancel does (recorded and unrecorded ones; nothing
+for a finished run), stops its log copiers, deletes its logs, forgets it, and removes the
+finalizer with a conditional metadata update, upon which the store deletes the run. Every move
+is idempotent, so a controller killed midway does it all again on restart.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from nomad_pipeline.controller.admission import STOP_JOBS_FINALIZER
 from nomad_pipeline.controller.api.runs import request_cancel
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.runnertoken import runner_token
@@ -235,6 +242,8 @@ class RunReconciler:
         except NotFound:
             self._forget(key)
             return Result()
+        if run.metadata.deleting:
+            return await self._finalize(run)
         if run.status.phase in TERMINAL_PHASES:
             return await self._reconcile_finished(run)
         work = _Pass(run, self._initial_status(run), self._now())
@@ -567,13 +576,43 @@ class RunReconciler:
             expired = name not in finished[: retention.keep_last]
         if not expired:
             return Result(requeue_after=requeue)
-        with contextlib.suppress(NotFound):
-            await self._store.delete(
+        try:
+            marked: Run | None = await self._store.delete(
                 Run, namespace, name, resource_version=run.metadata.resource_version
             )
+        except NotFound:
+            marked = None
+        logger.info("run deleted by retention", extra={"namespace": namespace, "run": name})
+        if marked is not None and marked.metadata.deleting:
+            return await self._finalize(marked)
         await self._logs.delete_run(namespace, name)
         self._forget((namespace, name))
-        logger.info("run deleted by retention", extra={"namespace": namespace, "run": name})
+        return Result()
+
+    # ---- deletion ----------------------------------------------------------------------------
+
+    async def _finalize(self, run: Run) -> Result:
+        """The run is being deleted: stop its Nomad jobs as cancel does, stop copying and delete
+        its logs, forget it, then remove our finalizer (the store then deletes the run).
+        Idempotent: a pass that fails or a controller that dies midway is simply repeated."""
+        key = (run.metadata.namespace, run.metadata.name)
+        if run.status.phase not in TERMINAL_PHASES:
+            work = _Pass(run, self._initial_status(run), self._now())
+            await self._stop_jobs(work)
+            for job_key in work.finished_jobs:
+                self._cache.forget(job_key)
+        await self._copier.discard_run(*key)
+        await self._logs.delete_run(*key)
+        self._forget(key)
+        if STOP_JOBS_FINALIZER in run.metadata.finalizers:
+            remaining = [name for name in run.metadata.finalizers if name != STOP_JOBS_FINALIZER]
+            metadata = run.metadata.model_copy(update={"finalizers": remaining})
+            # Conditional on the version read: a run changed meanwhile is finalized again.
+            await self._store.update(run.model_copy(update={"metadata": metadata}))
+        logger.info(
+            "run finalized for deletion",
+            extra={"namespace": key[0], "run": key[1], "phase": run.status.phase},
+        )
         return Result()
 
     # ---- specification flows -----------------------------------------------------------------

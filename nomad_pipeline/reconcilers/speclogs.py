@@ -170,6 +170,20 @@ class LogCopier:
         self._step_allocations.clear()
         self._ended_steps.clear()
 
+    async def discard_run(self, namespace: str, run: str) -> None:
+        """End every copy of a run at once, without draining, and wait until they ended: the
+        run is being deleted, so nothing may append to its logs once they are removed."""
+        tasks = [
+            task
+            for (ns, run_name, _step, _alloc), copy in self._copies.items()
+            if ns == namespace and run_name == run
+            for task in copy.tasks
+        ]
+        for task in tasks:
+            task.cancel()
+        # The copies' own cancellations are their results; a cancellation of ours propagates.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _finished(self, key: tuple[str, str, str, str], _task: asyncio.Task[None]) -> None:
         copy = self._copies.get(key)
         if copy is None or not all(task.done() for task in copy.tasks):

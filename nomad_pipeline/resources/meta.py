@@ -1,8 +1,12 @@
 """The Kubernetes-style envelope shared by every kind: apiVersion, kind, metadata, spec, status.
 
 Field names are snake_case on the wire, as in the seed's object format. ``metadata`` fields that
-the server owns (uid, generation, resource_version, creation_timestamp) are ignored on apply and
-set by the store.
+the server owns (uid, generation, resource_version, creation_timestamp, deletion_timestamp) are
+ignored on apply and set by the store.
+
+Finalizers work as in Kubernetes: deleting an object whose ``metadata.finalizers`` is not empty
+only sets ``deletion_timestamp``; the controllers named by the finalizers clean up, each removes
+its own, and the store deletes the object once the list is empty (``store/interface.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ class ObjectMeta(StrictModel):
     generation: int = 0
     resource_version: str | None = None
     creation_timestamp: datetime | None = None
+    # Controllers that must clean up before the object goes (``nomad-pipeline.io/stop-jobs``).
+    finalizers: list[str] = Field(default_factory=list)
+    # Server-owned: when a delete was asked for while finalizers were pending.
+    deletion_timestamp: datetime | None = None
+
+    @property
+    def deleting(self) -> bool:
+        """Deletion was requested; the object waits for its finalizers to be removed."""
+        return self.deletion_timestamp is not None
 
     @field_validator("name")
     @classmethod

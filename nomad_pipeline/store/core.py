@@ -174,6 +174,7 @@ def prepare_create(obj: R, *, namespace: str, now: datetime) -> R:
             "generation": 1,
             "resource_version": None,
             "creation_timestamp": now,
+            "deletion_timestamp": None,
         },
     )
     # A create writes every part of the object, so every part is copied (once per object, off
@@ -182,27 +183,72 @@ def prepare_create(obj: R, *, namespace: str, now: datetime) -> R:
 
 
 def prepare_update(obj: R, current: R) -> R | None:
-    """Labels, annotations and spec from ``obj``, the rest from ``current``; None if unchanged.
+    """Labels, annotations, finalizers and spec from ``obj``, the rest from ``current``; None if
+    unchanged.
 
-    ``generation`` bumps only when the spec changed. Raises Conflict on a stale version.
+    ``generation`` bumps only when the spec changed. Raises Conflict on a stale version, and
+    while ``current`` is being deleted, on a spec change (Conflict) or an added finalizer
+    (Invalid): then only removing finalizers (and editing labels/annotations) is allowed.
     """
     check_version(current, obj.metadata.resource_version)
     spec_changed = obj.spec != current.spec
+    finalizers = obj.metadata.finalizers
     if (
         not spec_changed
         and obj.metadata.labels == current.metadata.labels
         and obj.metadata.annotations == current.metadata.annotations
+        and finalizers == current.metadata.finalizers
     ):
         return None
+    if current.metadata.deletion_timestamp is not None:
+        _check_deleting_update(current, finalizers, spec_changed=spec_changed)
     metadata = current.metadata.model_copy(
         update={
             "labels": dict(obj.metadata.labels),
             "annotations": dict(obj.metadata.annotations),
+            "finalizers": list(finalizers),
             "generation": current.metadata.generation + (1 if spec_changed else 0),
         }
     )
     # The spec is what this write takes from ``obj``: copied; the status stays ``current``'s.
     return current.model_copy(update={"metadata": metadata, "spec": copy.deepcopy(obj.spec)})
+
+
+def _check_deleting_update(current: Resource, finalizers: list[str], *, spec_changed: bool) -> None:
+    """What an update may not do to an object being deleted (Kubernetes' rules)."""
+    what = describe_object(current)
+    since = current.metadata.deletion_timestamp
+    added = [name for name in finalizers if name not in current.metadata.finalizers]
+    if added:
+        raise Invalid(
+            f"{what} is being deleted (since {since}): no new finalizers may be added "
+            f"({', '.join(added)}); only removing finalizers is allowed",
+            field="metadata.finalizers",
+        )
+    if spec_changed:
+        raise Conflict(
+            f"{what} is being deleted (since {since}): its spec can no longer change; as in "
+            "Kubernetes, a deleting object only waits for its finalizers to be removed",
+            field="spec",
+        )
+
+
+def finalized(obj: Resource) -> bool:
+    """Deletion was requested and no finalizer is left: the object is to be removed."""
+    return obj.metadata.deletion_timestamp is not None and not obj.metadata.finalizers
+
+
+def prepare_delete(current: R, *, now: datetime) -> R | None:
+    """``current`` marked for deletion when finalizers hold it; None when it can go at once.
+
+    A second delete of an object already marked returns it unchanged (the caller writes
+    nothing)."""
+    if not current.metadata.finalizers:
+        return None
+    if current.metadata.deletion_timestamp is not None:
+        return current
+    metadata = current.metadata.model_copy(update={"deletion_timestamp": now})
+    return current.model_copy(update={"metadata": metadata})
 
 
 def prepare_status_update(obj: R, current: R) -> R | None:
@@ -468,6 +514,8 @@ class CachingStore(ABC):
         raise self._contended(obj)
 
     async def update(self, obj: R) -> R:
+        """:func:`prepare_update`; an update removing the last finalizer of an object being
+        deleted removes it (a DELETED event carrying the object as last written)."""
         return await self._write(obj, prepare_update)
 
     async def update_status(self, obj: R) -> R:
@@ -481,6 +529,9 @@ class CachingStore(ABC):
             if new is None:
                 return current
             try:
+                if finalized(new):
+                    version = await self._erase(current)
+                    return self._record("DELETED", with_version(new, version), version)
                 version = await self._persist(new, current)
             except StaleCache:
                 continue
@@ -494,10 +545,17 @@ class CachingStore(ABC):
         name: str,
         resource_version: str | None = None,
     ) -> R:
+        """Remove the object, or only mark it (:func:`prepare_delete`) while finalizers hold it."""
         for _ in range(STALE_CACHE_RETRIES):
             current = self._require(kind, namespace, name)
             check_version(current, resource_version)
+            marked = prepare_delete(current, now=self._clock())
+            if marked is current:
+                return current
             try:
+                if marked is not None:
+                    version = await self._persist(marked, current)
+                    return self._record("MODIFIED", with_version(marked, version), version)
                 version = await self._erase(current)
             except StaleCache:
                 continue
@@ -542,9 +600,11 @@ __all__ = [
     "check_version",
     "describe",
     "describe_object",
+    "finalized",
     "from_storage_wire",
     "matches_selector",
     "prepare_create",
+    "prepare_delete",
     "prepare_status_update",
     "prepare_update",
     "scoped_namespace",

@@ -5,10 +5,19 @@ Semantics follow the Kubernetes API server:
   an object; list and watch use the store-wide version so a watch can resume after a list.
 - ``create`` sets uid, generation=1, resource_version and creation_timestamp, and refuses a name
   that is taken (AlreadyExists).
-- ``update`` replaces metadata (labels/annotations) and spec; it bumps ``generation`` only when the
-  spec changed and keeps the stored status. ``update_status`` replaces status only. Both refuse a
-  stale ``metadata.resource_version`` with Conflict (a None version means "unconditional").
+- ``update`` replaces metadata (labels, annotations, finalizers) and spec; it bumps
+  ``generation`` only when the spec changed and keeps the stored status. ``update_status``
+  replaces status only. Both refuse a stale ``metadata.resource_version`` with Conflict (a None
+  version means "unconditional").
 - ``delete`` refuses a stale resource_version with Conflict, raises NotFound when absent.
+- Finalizers (as in Kubernetes): ``delete`` of an object whose ``metadata.finalizers`` is not
+  empty does not remove it: it sets ``metadata.deletion_timestamp`` (a MODIFIED event, a new
+  resource_version) and returns the object; deleting it again returns it unchanged. An
+  ``update`` that leaves ``finalizers`` empty on such an object removes it (a DELETED event; the
+  update returns the object as last written). While it is being deleted, an update may not add
+  finalizers (Invalid, field ``metadata.finalizers``) nor change the spec (Conflict); status
+  writes go on as before. ``deletion_timestamp`` is server-owned: ``create`` clears it and
+  ``update`` keeps the stored one.
 - ``watch`` yields ADDED/MODIFIED/DELETED events after ``since``; a ``since`` older than what the
   backend keeps raises Gone ("expired, re-list"). MODIFIED and DELETED events carry the object as
   it was before the change in ``previous`` when the backend knows it (a label-selector watch
@@ -73,7 +82,10 @@ class Store(Protocol):
 
     async def delete(
         self, kind: type[R], namespace: str, name: str, resource_version: str | None = None
-    ) -> R: ...
+    ) -> R:
+        """The deleted object, or, when finalizers hold it, the object marked for deletion
+        (``metadata.deletion_timestamp`` set; it is still stored)."""
+        ...
 
     def watch(
         self,

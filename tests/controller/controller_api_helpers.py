@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 
 from nomad_pipeline.resources.kinds import Run
+from nomad_pipeline.resources.meta import Resource
 from nomad_pipeline.store.interface import Store
 
 API = "/apis/nomad-pipeline.io/v1"
@@ -41,6 +42,17 @@ class Api:
         await self.store.update_status(
             stored.model_copy(
                 update={"status": stored.status.model_copy(update={"phase": "success"})}
+            )
+        )
+
+    async def finish_deletion(self, kind: type[Resource], namespace: str, name: str) -> None:
+        """Remove every finalizer of an object being deleted, as its reconciler does once it
+        cleaned up (these tests run the API alone); the store then deletes it."""
+        stored = await self.store.get(kind, namespace, name)
+        assert stored.metadata.deletion_timestamp is not None, "the object is not being deleted"
+        await self.store.update(
+            stored.model_copy(
+                update={"metadata": stored.metadata.model_copy(update={"finalizers": []})}
             )
         )
 

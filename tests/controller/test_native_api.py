@@ -19,6 +19,8 @@ from controller_api_helpers import (
     trigger,
 )
 
+from nomad_pipeline.resources.registry import KINDS
+
 
 async def test_every_kind_round_trips_through_apply_get_list_delete(api: Api) -> None:
     objects = [
@@ -71,19 +73,29 @@ async def test_every_kind_round_trips_through_apply_get_list_delete(api: Api) ->
         )
         assert name in [item["metadata"]["name"] for item in listed["items"]]
 
+    finalizers = {
+        "Run": ["nomad-pipeline.io/stop-jobs"],
+        "GitRepository": ["nomad-pipeline.io/prune"],
+    }
     for sent in reversed(objects[1:]):
         plural = {"Flow": "flows", "Trigger": "triggers", "Run": "runs"}.get(
             sent["kind"], "gitrepositories"
         )
-        path = f"{API}/namespaces/team-a/{plural}/{sent['metadata']['name']}"
-        if sent["kind"] == "Run":
-            status, refused = await api.call("DELETE", path)
-            assert status == 409, refused
-            assert "cancel it first" in refused["error"]["message"]
-            await api.finish_run("team-a", sent["metadata"]["name"])
+        name = sent["metadata"]["name"]
+        path = f"{API}/namespaces/team-a/{plural}/{name}"
         status, deleted = await api.call("DELETE", path)
-        assert status == 200, deleted
-        assert deleted["metadata"]["name"] == sent["metadata"]["name"]
+        assert deleted["metadata"]["name"] == name
+        assert deleted["metadata"]["finalizers"] == finalizers.get(sent["kind"], [])
+        if sent["kind"] in finalizers:
+            # Accepted: the object stays, marked, until its reconciler removes the finalizer.
+            assert status == 202, deleted
+            assert deleted["metadata"]["deletion_timestamp"]
+            status, marked = await api.call("GET", path)
+            assert (status, marked) == (200, deleted)
+            await api.finish_deletion(KINDS[sent["kind"]], "team-a", name)
+        else:
+            assert status == 200, deleted
+            assert "deletion_timestamp" not in deleted["metadata"]
         status, missing = await api.call("GET", path)
         assert status == 404
         assert missing["error"]["reason"] == "NotFound"

@@ -345,3 +345,31 @@ async def test_the_follower_survives_a_nomad_restart(tmp_path: Path) -> None:
                 await first_agent.stop()
             if second_agent is not None:
                 await second_agent.stop()
+
+
+async def test_another_store_sees_a_deletion_mark_and_finishes_the_deletion(
+    stores: tuple[NomadVarsStore, NomadVarsStore],
+) -> None:
+    writer, reader = stores
+    cleanup = "example.com/cleanup"
+    flow = make_flow()
+    held = flow.model_copy(
+        update={"metadata": flow.metadata.model_copy(update={"finalizers": [cleanup]})}
+    )
+    await writer.create(held)
+    marked = await writer.delete(Flow, "default", "build")
+    await reader.wait_synced(int(marked.metadata.resource_version or 0))
+    loaded = await reader.get(Flow, "default", "build")
+    assert loaded.metadata.finalizers == [cleanup]
+    assert loaded.metadata.deletion_timestamp == marked.metadata.deletion_timestamp
+
+    # The reader finishes the deletion; the writer's cache follows Nomad to the removal.
+    follow = writer.watch(Flow, since=writer.resource_version)
+    released = loaded.model_copy(
+        update={"metadata": loaded.metadata.model_copy(update={"finalizers": []})}
+    )
+    await reader.update(released)
+    events = await take(follow, 1)
+    assert events[0].type == "DELETED"
+    with pytest.raises(NotFound):
+        await writer.get(Flow, "default", "build")

@@ -4,7 +4,9 @@
   ``watch=true[&resource_version=N]`` (NDJSON).
 - ``GET  .../{plural}``: the same across every namespace (and cluster-scoped kinds).
 - ``GET|DELETE .../namespaces/{namespace}/{plural}/{name}`` and, for cluster-scoped kinds,
-  ``.../{plural}/{name}``; DELETE takes ``resource_version=`` as a precondition.
+  ``.../{plural}/{name}``; DELETE takes ``resource_version=`` as a precondition. It answers 200
+  with the deleted object, or 202 Accepted with the object marked for deletion
+  (``metadata.deletion_timestamp``) while finalizers hold it.
 - ``PUT  .../apply?dry_run=true|false[&field_manager=NAME]`` with ``{"items": [...]}``.
 """
 
@@ -271,11 +273,16 @@ async def _delete(
         return await store.delete(kind, namespace, name, None if version is None else str(version))
 
     deleted = await shielded(request.app, delete())
-    return web.json_response(object_wire(deleted))
+    # Held by finalizers: the object is still stored, marked, and goes once they are removed.
+    status = 202 if deleted.metadata.deleting else 200
+    return web.json_response(object_wire(deleted), status=status)
 
 
 async def delete_namespaced(request: web.Request) -> web.Response:
-    """Delete one object; ``resource_version=N`` makes it conditional."""
+    """Delete one object; ``resource_version=N`` makes it conditional.
+
+    Answers 202 with the object, marked for deletion, while its finalizers hold it.
+    """
     kind = _namespaced_kind(request)
     return await _delete(request, kind, request.match_info["namespace"], request.match_info["name"])
 

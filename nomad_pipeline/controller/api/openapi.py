@@ -76,6 +76,12 @@ def _operation(route: web.AbstractRoute, path: str, kind_refs: dict[str, Any]) -
             "200": {"description": "Success.", "content": {"application/json": {}}},
         },
     }
+    if path.startswith("/apis/") and route.method == "DELETE":
+        operation["responses"]["202"] = {
+            "description": "Accepted: finalizers hold the object; it is answered marked for "
+            "deletion (`metadata.deletion_timestamp`) and goes once they are removed.",
+            "content": {"application/json": {}},
+        }
     if len(doc.splitlines()) > 1:
         operation["description"] = doc
     if parameters:

@@ -82,7 +82,7 @@ async def create_run(
         ),
     )
     await admission.admit(store, run)
-    return await store.create(run)
+    return await store.create(admission.with_initial_finalizers(run))
 
 
 async def request_cancel(store: Store, namespace: str, name: str) -> bool:
@@ -93,7 +93,8 @@ async def request_cancel(store: Store, namespace: str, name: str) -> bool:
         run = await store.get(Run, namespace, name)
         if run.status.phase in TERMINAL_PHASES:
             return False
-        if run.spec.cancel:
+        if run.spec.cancel or run.metadata.deleting:
+            # A run being deleted has its jobs stopped already (its spec can no longer change).
             return True
         cancelled = run.model_copy(update={"spec": run.spec.model_copy(update={"cancel": True})})
         try:

@@ -533,7 +533,10 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def delete_run(request: web.Request) -> web.Response:
-    """Delete a run."""
+    """Delete a run (200 ``{}``).
+
+    An unfinished run has its Nomad jobs stopped by the run reconciler before it is gone.
+    """
     return await _delete(request, Run)
 
 
