@@ -90,6 +90,16 @@ async def start_stack(
         await agent.stop()
 
 
+async def wait_for(what: str, check: Callable[[], bool]) -> None:
+    """Poll ``check()`` with a deadline."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + DEADLINE_SECONDS
+    while not check():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 def shell_job(script: str, name: str = "job") -> dict[str, Any]:
     """A raw_exec JSON jobspec running ``script`` with /bin/sh."""
     return {

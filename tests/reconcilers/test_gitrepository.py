@@ -158,12 +158,17 @@ class Env:
         return next((f for f in flows.items if f.metadata.name == name), None)
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> Env:
+async def new_env(tmp_path: Path) -> Env:
+    """A memory store holding the default namespace, and the repositories' scratch space."""
     store = MemoryStore()
     await store.start()
     await store.create(Namespace(metadata=ObjectMeta(name="default", namespace=""), spec={}))
     return Env(tmp_path, store)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> Env:
+    return await new_env(tmp_path)
 
 
 def ready(repository: GitRepository) -> tuple[str, str, str]:

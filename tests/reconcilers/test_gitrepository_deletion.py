@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 from run_harness import Stack
-from test_gitrepository import OWNER, REQUEST, Env, Repo, flow_yaml
+from test_gitrepository import OWNER, REQUEST, Env, Repo, flow_yaml, new_env
 
 from nomad_pipeline.controller.apply import apply
 from nomad_pipeline.errors import NotFound
 from nomad_pipeline.reconcilers.gitrepository import OWNER_LABEL
 from nomad_pipeline.resources.kinds import Flow, GitRepository, Namespace
-from nomad_pipeline.resources.meta import ObjectMeta
-from nomad_pipeline.store.memory import MemoryStore
 
 NAMESPACE_YAML = """\
 apiVersion: nomad-pipeline.io/v1
@@ -29,10 +27,7 @@ DEADLINE = 30.0
 
 @pytest.fixture
 async def env(tmp_path: Path) -> Env:
-    store = MemoryStore()
-    await store.start()
-    await store.create(Namespace(metadata=ObjectMeta(name="default", namespace=""), spec={}))
-    return Env(tmp_path, store)
+    return await new_env(tmp_path)
 
 
 async def applied_repository(env: Env, *, prune: bool) -> GitRepository:

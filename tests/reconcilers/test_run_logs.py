@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-from run_harness import Stack, spec_step
+from run_harness import Stack, spec_step, wait_for
 
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.nomad.client import NomadClient
@@ -19,16 +18,6 @@ DEADLINE_SECONDS = 20.0
 
 def step_dir(stack: Stack, run_id: str, step: str) -> Path:
     return stack.data_dir / "logs" / "runs" / "default" / run_id / step / "logs"
-
-
-async def wait_for(what: str, check: Callable[[], bool]) -> None:
-    """Poll ``check()`` with a deadline."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE_SECONDS
-    while not check():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def wait_copied(stack: Stack, run_id: str, step: str) -> None:

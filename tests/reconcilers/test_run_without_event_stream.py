@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from run_harness import spec_step
+from run_harness import spec_step, wait_for
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
 from nomad_pipeline.controller.manager import Manager
@@ -66,15 +66,6 @@ class EventStreamGate:
                 await response.write(chunk)
             await response.write_eof()
             return response
-
-
-async def wait_for(check: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE_SECONDS
-    while not check():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -164,7 +155,7 @@ async def test_steps_advance_by_blocking_queries_without_the_event_stream(stack:
     events = stack.built.events
     # By six failures the stream is retried only every few seconds: a run that advanced only
     # when a retry re-read Nomad would take seconds per step.
-    await wait_for(lambda: events.reconnects >= 6, "the event stream to fail six times")
+    await wait_for("the event stream to fail six times", lambda: events.reconnects >= 6)
     assert events.fallback is not None
     flow = await stack.store.create(four_steps("fallback"))
     run = await stack.wait_run(await stack.start_run(flow))
@@ -176,7 +167,7 @@ async def test_steps_advance_by_blocking_queries_without_the_event_stream(stack:
 
 async def test_the_event_stream_takes_over_again_once_it_is_back(stack: Stack) -> None:
     events = stack.built.events
-    await wait_for(lambda: events.fallback is not None, "the blocking-query fallback")
+    await wait_for("the blocking-query fallback", lambda: events.fallback is not None)
     flow = await stack.store.create(four_steps("handover"))
     first = await stack.wait_run(await stack.start_run(flow))
     assert first.status.phase == "success", first.status
@@ -185,7 +176,7 @@ async def test_the_event_stream_takes_over_again_once_it_is_back(stack: Stack) -
     second = await stack.wait_run(await stack.start_run(flow))
     assert second.status.phase == "success", second.status
     # The stream reconnects (within its retry delay) and, once it delivers, the fallback stops.
-    await wait_for(lambda: events.fallback is None, "the fallback to stop")
+    await wait_for("the fallback to stop", lambda: events.fallback is None)
     assert stack.gate.refused == refused
     third = await stack.wait_run(await stack.start_run(flow))
     assert third.status.phase == "success", third.status
