@@ -54,6 +54,7 @@ from typing import Any
 
 import aiohttp
 
+from nomad_pipeline.app import tune_garbage_collector
 from nomad_pipeline.controller.admission import ensure_default_namespace
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import Manager
@@ -446,6 +447,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     step_seconds = [tuple(args.step_seconds)] if args.step_seconds else [(0.0, 0.0), (1.0, 5.0)]
+    # The controller's process settings, as `nomad-pipeline server` has them.
+    tune_garbage_collector()
     for low, high in step_seconds:
         if not 0 <= low <= high:
             parser.error(f"--step-seconds {low:g} {high:g}: need 0 <= MIN <= MAX")

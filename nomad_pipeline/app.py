@@ -1,8 +1,12 @@
 """Composition root: builds the store, the Nomad client, the reconcilers and the API server.
 
-Start order: Nomad client, store (its cache filled), the ``default`` namespace, the controllers
-(under a :class:`Manager`), then the API; /readyz answers 200 once all of that runs. Stop order
-is the reverse: API, controllers, store, Nomad client.
+Start order: Nomad client, store (its cache filled), the ``default`` namespace, the API (so its
+address is known to runners and to the leader lock), then the controllers (under a
+:class:`Manager`); /readyz answers 200 once all of that runs. Stop order: API, controllers,
+store, Nomad client.
+
+With ``leader_elect`` the controllers run inside a :class:`LeaderElector`: only the instance
+holding the Nomad Variable lock reconciles, every instance serves the API.
 
 Reconcilers register here, explicitly: append a factory to :data:`RECONCILER_FACTORIES` (it gets
 an :class:`AppContext` and returns the runnables to run: controllers, their watch sources) and
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -25,8 +30,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
-from nomad_pipeline.controller.api import gitsync, logs, runnerapi, runs, triggerhooks
+from nomad_pipeline.controller.api import METRICS, gitsync, logs, runnerapi, runs, triggerhooks
 from nomad_pipeline.controller.api.app import ApiServer, RouteSetup, build_api, start_api
+from nomad_pipeline.controller.leaderelection import (
+    DEFAULT_LEASE,
+    LeaderElector,
+    LeaderIdentity,
+    parse_lease,
+)
 from nomad_pipeline.controller.manager import Manager
 from nomad_pipeline.controller.runtime import Runnable
 from nomad_pipeline.controller.secrets import SecretResolver
@@ -66,6 +77,12 @@ class ControllerConfig:
     # The API's URL as runners in Nomad allocations reach it (inline flows); None: the bound
     # address, a wildcard bind as loopback (right when Nomad runs on this host only).
     advertise_addr: str | None = None
+    # Several controllers on one Nomad (nomad-vars backend): only the holder of a Nomad
+    # Variable lock runs the reconcilers. Off by default so a single controller starts at once.
+    leader_elect: bool = False
+    # The lock's TTL, a Go duration within Nomad's 10s-24h; renewals every 2/15 of it, and
+    # leadership is given up after 2/3 of it without a renewal.
+    leader_lease: str = DEFAULT_LEASE
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -85,6 +102,17 @@ class ControllerConfig:
                 f"log format {self.log_format!r} is not one of text, json", field="log_format"
             )
         parse_http_addr(self.http_addr)
+        parse_lease(self.leader_lease)
+        if self.leader_elect and self.state_backend != "nomad-vars":
+            raise Invalid(
+                "leader election (--leader-elect) needs --state-backend nomad-vars: with the "
+                f"{self.state_backend!r} backend controllers share no state to elect a leader in",
+                field="leader_elect",
+            )
+
+    @property
+    def leader_lease_seconds(self) -> float:
+        return parse_lease(self.leader_lease)
 
     @property
     def log_root(self) -> Path:
@@ -195,6 +223,7 @@ class ControllerApp:
         self._store: Store | None = None
         self._manager: Manager | None = None
         self._manager_task: asyncio.Task[None] | None = None
+        self._elector: LeaderElector | None = None
         self._api: ApiServer | None = None
         self.address: str | None = None
 
@@ -203,6 +232,13 @@ class ControllerApp:
         if self._store is None:
             raise RuntimeError("the controller is not started")
         return self._store
+
+    @property
+    def leading(self) -> bool:
+        """True while this instance runs the reconcilers (always, without leader election)."""
+        if self._elector is not None:
+            return self._elector.leading
+        return self._manager_task is not None
 
     async def start(self) -> str:
         """Start everything; returns the API's ``http://HOST:PORT``. Stops what started on
@@ -224,11 +260,14 @@ class ControllerApp:
                 log_root=config.log_root,
                 api_address=lambda: self.address,
             )
-            runnables = [
-                runnable for factory in self._reconciler_factories for runnable in factory(context)
-            ]
-            self._manager = Manager(runnables)
-            self._manager_task = asyncio.create_task(self._manager.run(), name="controller-manager")
+
+            def reconciler_runnables() -> list[Runnable]:
+                return [
+                    runnable
+                    for factory in self._reconciler_factories
+                    for runnable in factory(context)
+                ]
+
             api = build_api(
                 self._store,
                 log_root=config.log_root,
@@ -240,11 +279,27 @@ class ControllerApp:
                 ready=self._ready,
             )
             self._api = await start_api(api, host, port)
+            self.address = self._api.address
+            metrics = api[METRICS]
+            if config.leader_elect:
+                self._elector = LeaderElector(
+                    self._nomad,
+                    reconciler_runnables,
+                    namespace=config.nomad_vars_namespace,
+                    lease=config.leader_lease_seconds,
+                    state_dir=config.data_dir,
+                    identity=LeaderIdentity.of_this_process(lambda: self.address),
+                    on_change=lambda leading: metrics.leader.set(1 if leading else 0),
+                )
+                self._manager = Manager([self._elector])
+            else:
+                self._manager = Manager(reconciler_runnables())
+                metrics.leader.set(1)
+            self._manager_task = asyncio.create_task(self._manager.run(), name="controller-manager")
         except BaseException:
             await self.stop()
             raise
         self._ready.set()
-        self.address = self._api.address
         logger.info(
             "controller started",
             extra={
@@ -252,6 +307,7 @@ class ControllerApp:
                 "state_backend": config.state_backend,
                 "nomad_addr": config.nomad_addr,
                 "controllers": self._manager.names,
+                "leader_elect": config.leader_elect,
             },
         )
         return self.address
@@ -281,6 +337,7 @@ class ControllerApp:
                 await self._manager_task
         self._manager = None
         self._manager_task = None
+        self._elector = None
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -308,9 +365,23 @@ async def wait_for_signal(*stopping: asyncio.Task[Any]) -> None:
             loop.remove_signal_handler(signum)
 
 
+# Python's cyclic collector by default runs a young-generation pass every 700 net allocations.
+# Decoding Nomad's events and answers allocates hundreds of thousands of short-lived, acyclic
+# dicts a second (freed by reference counting anyway), so with the defaults every pass also
+# walks the controller's caches: ~15% of its CPU under load (bench/runs.py). Rarer passes cost
+# a little memory held a little longer, nothing else.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """For long-running processes (the servers, and benchmarks measuring them)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: ControllerConfig) -> None:
     """Run the controller until SIGINT/SIGTERM (``nomad-pipeline server``)."""
     configure_logging(config.log_format)
+    tune_garbage_collector()
     app = ControllerApp(config)
     await app.start()
     watcher = asyncio.create_task(app.wait(), name="controller-watcher")
@@ -386,6 +457,7 @@ class DevStack:
     async def serve(self) -> None:
         """Run both until SIGINT/SIGTERM."""
         configure_logging(self.log_format)
+        tune_garbage_collector()
         await self.start()
         assert self._controller is not None
         watcher = asyncio.create_task(self._controller.wait(), name="controller-watcher")

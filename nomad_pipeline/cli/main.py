@@ -199,6 +199,20 @@ def _add_server_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
         "wildcard as loopback, right only when Nomad runs on this host)",
     )
     server.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run the reconcilers only while holding a Nomad Variable lock, so several "
+        "controllers can share one Nomad (needs --state-backend nomad-vars); every instance "
+        "serves the API",
+    )
+    server.add_argument(
+        "--leader-lease",
+        default="15s",
+        metavar="DURATION",
+        help="the leader lock's TTL, 10s to 24h (default 15s); a leader that cannot renew it "
+        "for 2/3 of this stops reconciling",
+    )
+    server.add_argument(
         "--state-nomad-vars-cache-enabled",
         nargs="?",
         const="true",

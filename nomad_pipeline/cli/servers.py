@@ -25,6 +25,8 @@ def server_command(args: argparse.Namespace) -> int:
         state_backend=args.state_backend,
         log_format=args.log_format,
         advertise_addr=args.advertise_addr,
+        leader_elect=args.leader_elect,
+        leader_lease=args.leader_lease,
     )
     asyncio.run(serve(config))
     return 0

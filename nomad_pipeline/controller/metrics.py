@@ -56,6 +56,12 @@ class ApiMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "nomad_pipeline_leader",
+            "1 while this instance runs the reconcilers: it holds the leader lock, or leader "
+            "election is off; 0 on a follower (which still serves the API).",
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         labels = (route, method, str(status))

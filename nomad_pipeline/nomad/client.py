@@ -363,14 +363,18 @@ class NomadClient:
         *,
         namespace: str = "default",
         cas: int | None = None,
+        lock_id: str | None = None,
     ) -> JSON:
         """Write ``items``; ``cas=0`` creates only if absent, ``cas=N`` needs ModifyIndex N.
 
         Returns the stored variable with its new ``ModifyIndex``. A failed check-and-set raises
-        ``VariableConflict`` carrying the current variable.
+        ``VariableConflict`` carrying the current variable. A locked variable is written only
+        with its lock's ``lock_id``.
         """
         params: QueryParams = [] if cas is None else [("cas", str(cas))]
-        body = {"Namespace": namespace, "Path": path, "Items": dict(items)}
+        body: JSON = {"Namespace": namespace, "Path": path, "Items": dict(items)}
+        if lock_id is not None:
+            body["Lock"] = {"ID": lock_id}
         response = await self._write(
             "PUT", _var_path(path), namespace=namespace, params=params, body=body
         )
