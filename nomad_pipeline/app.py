@@ -39,6 +39,10 @@ from nomad_pipeline.controller.leaderelection import (
     parse_lease,
 )
 from nomad_pipeline.controller.manager import Manager
+from nomad_pipeline.controller.runnertoken import (
+    load_or_create_secret,
+    load_or_create_shared_secret,
+)
 from nomad_pipeline.controller.runtime import Runnable
 from nomad_pipeline.controller.secrets import SecretResolver
 from nomad_pipeline.errors import Invalid
@@ -167,6 +171,8 @@ class AppContext:
     config: ControllerConfig
     # ``<data-dir>/logs``, the root of the step log layout.
     log_root: Path
+    # What per-run runner tokens are derived from (``controller/runnertoken.py``).
+    runner_secret: bytes
     clock: Callable[[], datetime] = utc_now
     # The API's ``http://HOST:PORT`` once it serves (None before): runners call it back.
     api_address: Callable[[], str | None] = lambda: None
@@ -253,11 +259,13 @@ class ControllerApp:
             self._store = self._build_store(self._nomad)
             await self._store.start()
             await ensure_default_namespace(self._store)
+            runner_secret = await self._runner_secret(self._nomad)
             context = AppContext(
                 store=self._store,
                 nomad=self._nomad,
                 config=config,
                 log_root=config.log_root,
+                runner_secret=runner_secret,
                 api_address=lambda: self.address,
             )
 
@@ -274,6 +282,7 @@ class ControllerApp:
                 # Webhook secrets stored in Nomad variables resolve through this client.
                 extra_routes=[
                     triggerhooks.secret_resolver_setup(SecretResolver(self._nomad)),
+                    runnerapi.secret_setup(runner_secret),
                     *self._api_routes,
                 ],
                 ready=self._ready,
@@ -311,6 +320,13 @@ class ControllerApp:
             },
         )
         return self.address
+
+    async def _runner_secret(self, nomad: NomadClient) -> bytes:
+        """Shared through Nomad with the nomad-vars backend (every controller on that Nomad
+        accepts the same runner tokens), else kept in the data directory."""
+        if self.config.state_backend == "nomad-vars":
+            return await load_or_create_shared_secret(nomad, self.config.nomad_vars_namespace)
+        return await asyncio.to_thread(load_or_create_secret, self.config.data_dir)
 
     def _build_store(self, nomad: NomadClient) -> Store:
         if self.config.state_backend == "dev":

@@ -1,8 +1,11 @@
 """Per-run tokens that authenticate a runner's reports to the controller.
 
-A token is HMAC-SHA256 of ``<namespace>/<run>`` under a controller secret kept in the data
-directory, so no token is stored in the Run, a token only opens its own run, and a restarted
-controller (same data directory) still accepts the tokens of runners already started.
+A token is HMAC-SHA256 of ``<namespace>/<run>`` under a controller secret, so no token is
+stored in the Run, a token only opens its own run, and a restarted controller still accepts the
+tokens of runners already started. The secret lives in the data directory (the dev backend), or,
+with the nomad-vars backend, in a Nomad variable beside the store's objects: every controller
+sharing that Nomad (leader election: whichever leads, and any instance a runner calls back
+through a load-balanced ``--advertise-addr``) accepts the same tokens.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import os
 import secrets
 from pathlib import Path
 
-from nomad_pipeline.errors import TerminalError
+from nomad_pipeline.errors import NotFound, TerminalError
+from nomad_pipeline.nomad.client import NomadClient, VariableConflict
 
 SECRET_FILE_NAME = "runner-token.key"
+# A sibling of the nomad-vars store's prefix (which holds only objects).
+SECRET_VARIABLE_PATH = "nomad-pipeline-runner-secret"
+_SECRET_ITEM = "secret"
 _SECRET_BYTES = 32
 
 
@@ -62,5 +69,39 @@ def _read_secret(path: Path) -> bytes:
         raise TerminalError(
             f"runner token secret {path} holds {len(secret)} bytes, expected at least "
             f"{_SECRET_BYTES}; delete it to have a new one generated"
+        )
+    return secret
+
+
+async def load_or_create_shared_secret(nomad: NomadClient, namespace: str) -> bytes:
+    """The secret in the Nomad variable ``nomad-pipeline-runner-secret``, created if absent.
+
+    Created with check-and-set 0, so controllers starting together agree on whichever secret
+    landed first."""
+    try:
+        return _decode_shared(await nomad.get_variable(SECRET_VARIABLE_PATH, namespace=namespace))
+    except NotFound:
+        pass
+    candidate = {_SECRET_ITEM: secrets.token_hex(_SECRET_BYTES)}
+    try:
+        created = await nomad.put_variable(
+            SECRET_VARIABLE_PATH, candidate, namespace=namespace, cas=0
+        )
+    except VariableConflict:
+        created = await nomad.get_variable(SECRET_VARIABLE_PATH, namespace=namespace)
+    return _decode_shared(created)
+
+
+def _decode_shared(variable: dict[str, object]) -> bytes:
+    items = variable.get("Items")
+    text = items.get(_SECRET_ITEM) if isinstance(items, dict) else None
+    try:
+        secret = bytes.fromhex(text) if isinstance(text, str) else b""
+    except ValueError:
+        secret = b""
+    if len(secret) < _SECRET_BYTES:
+        raise TerminalError(
+            f"Nomad variable {SECRET_VARIABLE_PATH!r} does not hold a runner secret (item "
+            f"{_SECRET_ITEM!r}: {_SECRET_BYTES} random bytes as hex); delete it to have one made"
         )
     return secret

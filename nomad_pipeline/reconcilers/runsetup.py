@@ -24,7 +24,6 @@ import aiohttp
 
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import watch_store
-from nomad_pipeline.controller.runnertoken import load_or_create_secret
 from nomad_pipeline.controller.runtime import Controller, Request, Runnable
 from nomad_pipeline.nomad.client import NomadClient, new_session
 from nomad_pipeline.reconcilers.nomadwatch import (
@@ -123,6 +122,9 @@ class RunControllerContext(Protocol):
     @property
     def api_address(self) -> Callable[[], str | None]: ...
 
+    @property
+    def runner_secret(self) -> bytes: ...
+
 
 def advertised(address: str | None) -> str | None:
     """The API address as a runner on this host reaches it (a wildcard bind → loopback), when
@@ -186,15 +188,12 @@ def build_run_controller(
 
 
 def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
-    """``app.RECONCILER_FACTORIES`` entry: the run controller's runnables (module docstring).
-
-    Reads (or creates) the runner token secret in the data directory, at start-up.
-    """
+    """``app.RECONCILER_FACTORIES`` entry: the run controller's runnables (module docstring)."""
     api_address = context.api_address
     configured = context.config.advertise_addr
     settings = RunSettings(
         controller_address=lambda: configured or advertised(api_address()),
-        runner_secret=load_or_create_secret(context.config.data_dir),
+        runner_secret=context.runner_secret,
     )
     built = build_run_controller(
         context.store,

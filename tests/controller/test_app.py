@@ -21,9 +21,14 @@ from nomad_pipeline.app import (
     parse_http_addr,
 )
 from nomad_pipeline.controller.manager import watch_store
+from nomad_pipeline.controller.runnertoken import load_or_create_shared_secret, runner_token
 from nomad_pipeline.controller.runtime import Controller, Request, Result, Runnable
+from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.errors import Invalid
-from nomad_pipeline.resources.kinds import Flow
+from nomad_pipeline.nomad.client import NomadClient
+from nomad_pipeline.resources.kinds import Flow, Run, RunSpec
+from nomad_pipeline.resources.meta import ObjectMeta
+from nomad_pipeline.runner.protocol import RUNNER_API_PREFIX
 
 
 @pytest.mark.parametrize(
@@ -201,3 +206,48 @@ async def test_readyz_answers_503_until_ready(tmp_path: Path) -> None:
     finally:
         await server.stop()
         await store.close()
+
+
+async def test_controllers_on_one_nomad_accept_each_others_runner_tokens(tmp_path: Path) -> None:
+    """With the nomad-vars backend the runner secret lives in Nomad: a runner started by one
+    controller may report to another (a new leader, or any instance behind one address)."""
+    agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "nomad"))
+    nomad_address = await agent.start()
+    apps = [
+        ControllerApp(
+            ControllerConfig(
+                data_dir=tmp_path / name,
+                http_addr="127.0.0.1:0",
+                nomad_addr=nomad_address,
+                nomad_token="",
+                state_backend="nomad-vars",
+            ),
+            reconciler_factories=[],
+        )
+        for name in ("first", "second")
+    ]
+    try:
+        first, second = [await app.start() for app in apps]
+        flow = Flow.model_validate(inline_flow("shared"))
+        await apps[0].store.create(flow)
+        run = await apps[0].store.create(
+            Run(metadata=ObjectMeta(name="r1"), spec=RunSpec(flow="shared", flow_spec=flow.spec))
+        )
+        # The second controller's store follows Nomad: wait until it holds the run too.
+        async with asyncio.timeout(10):
+            while not (await apps[1].store.list(Run, "default")).items:
+                await asyncio.sleep(0.02)
+        async with NomadClient(nomad_address) as nomad:
+            secret = await load_or_create_shared_secret(nomad, "default")
+        token = runner_token(secret, "default", run.metadata.name)
+        async with aiohttp.ClientSession() as http:
+            for address in (first, second):
+                url = f"{address}{RUNNER_API_PREFIX}/default/r1"
+                async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as answer:
+                    assert answer.status == 200, await answer.text()
+                async with http.get(url, headers={"Authorization": "Bearer " + "0" * 64}) as bad:
+                    assert bad.status == 401
+    finally:
+        for app in apps:
+            await app.stop()
+        await agent.stop()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -49,6 +49,16 @@ _REPORT_LOCKS = web.AppKey("runner_report_locks", weakref.WeakValueDictionary[st
 
 # Conflicting status writes (the run reconciler writes the same Run) are retried this often.
 _STATUS_WRITE_ATTEMPTS = 20
+
+
+def secret_setup(secret: bytes) -> Callable[[web.Application], None]:
+    """A route setup installing the runner token secret (before :func:`setup`, which otherwise
+    reads it from the data directory)."""
+
+    def install(app: web.Application) -> None:
+        app[RUNNER_SECRET] = secret
+
+    return install
 
 
 def setup(app: web.Application) -> None:
