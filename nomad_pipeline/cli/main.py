@@ -85,12 +85,38 @@ def _add_files(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the client's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="print the client's version and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from nomad_pipeline.resources.names import package_version
+
+        sys.stdout.write(f"nomad-pipeline {package_version()}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nomad-pipeline",
         description="Declarative pipelines on HashiCorp Nomad.",
         parents=[_global_options(suppress=False)],
     )
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     client = [_global_options(suppress=True)]
@@ -172,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("step", nargs="?")
     logs.add_argument("-f", "--follow", action="store_true", help="stream until the steps end")
     logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+
+    command("version", objects.version_command, "print the client's and the server's versions")
 
     _add_server_commands(commands)
     return parser

@@ -28,7 +28,7 @@ from nomad_pipeline.cli.output import (
     unified_diff,
 )
 from nomad_pipeline.errors import Gone, Invalid, NomadPipelineError, NotFound
-from nomad_pipeline.resources.names import KindNames, kind_names_for
+from nomad_pipeline.resources.names import KindNames, kind_names_for, package_version
 
 if TYPE_CHECKING:
     from nomad_pipeline.cli.client import ApiClient
@@ -481,3 +481,15 @@ async def sync_command(ctx: Context, args: argparse.Namespace) -> int:
 def _answered(repository: Mapping[str, Any], requested_at: str) -> bool:
     handled = dig(repository, "status", "last_handled_reconcile_at")
     return isinstance(handled, str) and handled == requested_at
+
+
+async def version_command(ctx: Context, args: argparse.Namespace) -> int:
+    """kubectl's ``version``: the client's version, then the server's (an unreachable server
+    is an error after the client's line)."""
+    ctx.out(f"Client Version: {package_version()}")
+    async with ctx.api() as api:
+        served = await api.request("GET", "/version")
+    if not isinstance(served, dict):
+        raise NomadPipelineError(f"the controller answered {served!r} for /version")
+    ctx.out(f"Server Version: {served.get('version')} (API {served.get('api_version')})")
+    return 0

@@ -57,3 +57,13 @@ def kind_names_for(name: str) -> KindNames:
         known = ", ".join("/".join(names.aliases) for names in KIND_NAMES)
         raise Invalid(f"unknown kind {name!r}; known kinds: {known}", field="kind")
     return names
+
+
+def package_version() -> str:
+    """The installed nomad-pipeline's version (``unknown`` when run from an uninstalled tree)."""
+    from importlib import metadata  # local: only `version` and the API's /version need it
+
+    try:
+        return metadata.version("nomad-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -6,11 +6,13 @@ import asyncio
 import io
 import json
 import socket
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
 from cli_harness import Controller, run_cli
+from ports import free_port
 
 from nomad_pipeline.cli.main import ADDR_ENV, main
 from nomad_pipeline.resources.kinds import Flow
@@ -316,3 +318,17 @@ async def test_apply_recursive_and_jobspec_paths_relative_to_the_manifest(
     stored = await controller.store.get(Flow, "team-a", "spec-flow")
     assert stored.spec.specification is not None
     assert stored.spec.specification.steps[0].job.source == JOBSPEC
+
+
+async def test_version_prints_the_clients_then_the_servers(controller: Controller) -> None:
+    installed = metadata.version("nomad-pipeline")
+    answered = await controller.cli("version")
+    assert (answered.code, answered.err) == (0, "")
+    assert answered.out.splitlines() == [
+        f"Client Version: {installed}",
+        f"Server Version: {installed} (API nomad-pipeline.io/v1)",
+    ]
+    alone = await run_cli(f"http://127.0.0.1:{free_port()}", "version")
+    assert alone.code == 1
+    assert alone.out == f"Client Version: {installed}\n"
+    assert "cannot connect to the controller" in alone.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from nomad_pipeline.controller.api.openapi import openapi_document
 from nomad_pipeline.controller.api.seed import setup_seed_routes
 from nomad_pipeline.controller.api.watch import WATCH_STREAMS, WatchStreams
 from nomad_pipeline.controller.metrics import ApiMetrics
+from nomad_pipeline.resources.names import API_VERSION, package_version
 from nomad_pipeline.resources.registry import KINDS
 from nomad_pipeline.store.interface import Store
 
@@ -60,6 +62,7 @@ def build_api(
     app[BACKGROUND] = set()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
     setup_native_routes(app)
@@ -100,6 +103,17 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[READY].is_set():
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "starting"}, status=503)
+
+
+async def version(request: web.Request) -> web.Response:
+    """What is serving: nomad-pipeline's version, the API group version, Python's version."""
+    return web.json_response(
+        {
+            "version": package_version(),
+            "api_version": API_VERSION,
+            "python": platform.python_version(),
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
