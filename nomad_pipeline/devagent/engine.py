@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from nomad_pipeline.devagent import jobspec, scheduler
-from nomad_pipeline.devagent.allocdir import host_environment
+from nomad_pipeline.devagent.allocdir import host_environment, prepare_alloc_root
 from nomad_pipeline.devagent.state import (
     Change,
     Event,
@@ -335,6 +335,7 @@ class Engine:
 
     async def start(self) -> None:
         """Register namespace ``default`` and the node; turn work lost by a restart into lost."""
+        await asyncio.to_thread(prepare_alloc_root, self.alloc_root)
         for job_key, _ in self.state.items("jobs"):
             self.versions_by_job.setdefault(job_key, set())
         for key, version in self.state.items("job_versions"):

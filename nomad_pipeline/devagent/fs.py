@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import stat as stat_module
 from collections.abc import Callable
@@ -46,6 +47,31 @@ FILES_KEY: Final = web.AppKey("devagent_alloc_files", AllocFiles)
 # -- allocation and path resolution ---------------------------------------------------------
 
 
+def real_path(path: Path) -> Path:
+    """``path.resolve()``: absolute, every symlink followed.
+
+    An existing path is resolved by the kernel, from an ``O_PATH`` descriptor's entry in
+    ``/proc/self/fd``: three system calls where ``resolve`` makes one ``lstat`` per component
+    and walks them in Python, for every file system request and log file. A path that does
+    not exist (or a system without ``/proc``) takes ``resolve``'s way.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return path.resolve()
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return path.resolve()
+    finally:
+        os.close(fd)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """``root in path.parents`` for resolved absolute paths, without building every parent."""
+    return str(path).startswith(os.path.join(str(root), ""))
+
+
 def _allocation(request: web.Request) -> tuple[Obj, Path]:
     alloc_id = request.match_info["alloc_id"]
     alloc = request.app[STATE_KEY].get("allocs", alloc_id)
@@ -54,13 +80,13 @@ def _allocation(request: web.Request) -> tuple[Obj, Path]:
     root = request.app[FILES_KEY].alloc_dir(alloc_id)
     if not root.is_dir():
         raise NomadHTTPError(404, f"state for allocation {alloc_id} not found on client")
-    return alloc, root.resolve()
+    return alloc, real_path(root)
 
 
 def resolve_in_alloc_dir(root: Path, relative: str) -> Path:
     """``relative`` inside the allocation directory ``root`` (already resolved), or a 400."""
-    target = (root / relative.lstrip("/")).resolve()
-    if target != root and root not in target.parents:
+    target = real_path(root / relative.lstrip("/"))
+    if target != root and not _inside(root, target):
         raise NomadHTTPError(400, "Path escapes the alloc directory")
     parts = target.relative_to(root).parts
     if len(parts) >= 2 and parts[0] != "alloc" and parts[1] in _PROTECTED_TASK_DIRS:
@@ -200,11 +226,23 @@ class _Cursor:
 def _log_files(root: Path, task: str, log_type: str) -> list[Path]:
     pattern = re.compile(rf"^{re.escape(task)}\.{log_type}\.(\d+)$")
     logs = root / "alloc" / "logs"
-    if not logs.is_dir():
+    try:
+        with os.scandir(logs) as listing:
+            found = [
+                (int(match.group(1)), entry.name, entry.is_symlink())
+                for entry in listing
+                if (match := pattern.match(entry.name))
+            ]
+    except OSError:
         return []
-    found = [(int(m.group(1)), p) for p in logs.iterdir() if (m := pattern.match(p.name))]
-    # A task could swap its log file for a symlink: only files inside the directory count.
-    return [path for _, path in sorted(found) if root in path.resolve().parents]
+    # A task could swap its log file (or the logs directory) for a symlink: only files inside
+    # the allocation directory count. A file that is no symlink is where its directory is.
+    logs_inside = _inside(root, real_path(logs))
+    return [
+        logs / name
+        for _, name, is_symlink in sorted(found)
+        if (_inside(root, real_path(logs / name)) if is_symlink else logs_inside)
+    ]
 
 
 def _start_cursor(files: list[Path], origin: str, offset: int) -> _Cursor:
@@ -266,7 +304,12 @@ async def _stream(
     files = request.app[FILES_KEY]
     while True:
         path = cursor.files[cursor.current]
-        chunk, size = await asyncio.to_thread(_read_chunk, path, cursor.position)
+        # A followed file is checked every second and mostly has not grown: its size, one
+        # stat on the loop as the other path checks here, saves a thread hop for nothing.
+        size = _size(path, cursor.position)
+        chunk = b""
+        if size > cursor.position:
+            chunk, size = await asyncio.to_thread(_read_chunk, path, cursor.position)
         if size < cursor.position:
             await writer.event(path, "file truncated")
             cursor.position = 0
@@ -275,7 +318,11 @@ async def _stream(
             cursor.position += len(chunk)
             await writer.data(path, chunk, cursor.position)
             continue
-        newer = _newer_rotations(path, rotations()) if rotations is not None else []
+        newer = (
+            _newer_rotations(path, rotations())
+            if rotations is not None and _may_have_rotated(path)
+            else []
+        )
         if newer:
             # By rotation number, not list position: older files may have been deleted.
             cursor.files = newer
@@ -292,8 +339,28 @@ def _rotation(path: Path) -> int:
     return int(path.name.rsplit(".", 1)[1])
 
 
+def _may_have_rotated(current: Path) -> bool:
+    """Whether a log file newer than ``current`` may exist.
+
+    The task's log writer creates ``<task>.<type>.<n+1>`` before any newer file and deletes
+    the oldest files first: while ``current`` is there and its successor is not, nothing newer
+    is. Two ``lstat`` calls instead of listing the directory, which a follower of a quiet
+    task would otherwise do every second.
+    """
+    successor = current.with_name(f"{current.name.rsplit('.', 1)[0]}.{_rotation(current) + 1}")
+    return not os.path.lexists(current) or os.path.lexists(successor)
+
+
 def _newer_rotations(current: Path, files: list[Path]) -> list[Path]:
     return [f for f in files if _rotation(f) > _rotation(current)]
+
+
+def _size(path: Path, missing: int) -> int:
+    """The file's size, ``missing`` when it is gone (as ``_read_chunk`` counts it)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return missing
 
 
 def _read_chunk(path: Path, position: int) -> tuple[bytes, int]:

@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from nomad_pipeline.devagent.jobspec import format_duration
-from nomad_pipeline.devagent.state import NomadHTTPError, Obj, StateStore
+from nomad_pipeline.devagent.state import NomadHTTPError, Obj, StateStore, to_json
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def json_response(
     if "pretty" in request.query and parse_go_bool(request.query["pretty"] or "true") is not False:
         text = json.dumps(body, indent=4) + "\n"
     else:
-        text = json.dumps(body, separators=(",", ":"))
+        text = to_json(body)
     all_headers = query_meta_headers(index if index is not None else request.app[STATE_KEY].index)
     if headers:
         all_headers.update(headers)

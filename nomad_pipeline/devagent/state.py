@@ -42,6 +42,16 @@ class NomadHTTPError(Exception):
         self.body = body
 
 
+# Compact, and without the per-container cycle check (a tenth of the encoding time): state,
+# requests and events are trees decoded from JSON or built from literals, never cyclic.
+_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def to_json(value: Any) -> str:
+    """``value`` as compact JSON text, as ``json.dumps(value, separators=(",", ":"))``."""
+    return _JSON.encode(value)
+
+
 def new_uuid() -> str:
     return str(uuid.uuid4())
 
@@ -250,21 +260,26 @@ class StateStore:
     def _write_batch(self, batch: list[tuple[list[Change], int, asyncio.Future[None]]]) -> None:
         assert self._db is not None
         db = self._db
+        # The batch is one SQLite transaction: only the last value of a row written by several
+        # of its commits (an allocation going pending, running, complete) reaches the disk.
+        latest: dict[tuple[str, str], Obj | None] = {}
+        for changes, _, _ in batch:
+            for change in changes:
+                latest[(change.table, change.key)] = change.value
+        last_index = max(index for _, index, _ in batch)
+        # One object stored in two tables (a job and its version row) is encoded once; ``latest``
+        # keeps every value alive meanwhile, so no id is reused within the batch.
+        encoded: dict[int, str] = {}
         db.execute("BEGIN")
         try:
-            last_index = 0
-            for changes, index, _ in batch:
-                last_index = max(last_index, index)
-                for change in changes:
-                    if change.value is None:
-                        db.execute(
-                            "DELETE FROM rows WHERE tbl=? AND key=?", (change.table, change.key)
-                        )
-                    else:
-                        db.execute(
-                            "INSERT OR REPLACE INTO rows VALUES (?, ?, ?)",
-                            (change.table, change.key, json.dumps(change.value)),
-                        )
+            for (table, key), value in latest.items():
+                if value is None:
+                    db.execute("DELETE FROM rows WHERE tbl=? AND key=?", (table, key))
+                    continue
+                text = encoded.get(id(value))
+                if text is None:
+                    text = encoded[id(value)] = to_json(value)
+                db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", (table, key, text))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('index', ?)", (last_index,))
             db.execute("COMMIT")
         except BaseException:
@@ -288,18 +303,28 @@ class StateStore:
         An index older than the buffer starts at the oldest event still kept (no gap signal,
         as Nomad). The iterator ends if the reader falls too far behind.
         """
+        async for batches in self.subscribe_many(after_index):
+            for batch in batches:
+                yield batch
+
+    async def subscribe_many(self, after_index: int) -> AsyncIterator[list[EventBatch]]:
+        """:meth:`subscribe`, yielding every batch that is already waiting at once (at least
+        one), so a reader can hand a burst of commits on in one write."""
         subscriber = _Subscriber()
         backlog = [b for b in self._events if b.index > after_index]
         self._subscribers.add(subscriber)
         try:
             last = after_index
-            for batch in backlog:
-                last = batch.index
-                yield batch
+            if backlog:
+                last = backlog[-1].index
+                yield backlog
             while subscriber in self._subscribers:
-                batch = await subscriber.queue.get()
-                if batch.index > last:
-                    last = batch.index
-                    yield batch
+                waiting = [await subscriber.queue.get()]
+                while not subscriber.queue.empty():
+                    waiting.append(subscriber.queue.get_nowait())
+                fresh = [batch for batch in waiting if batch.index > last]
+                if fresh:
+                    last = fresh[-1].index
+                    yield fresh
         finally:
             self._subscribers.discard(subscriber)

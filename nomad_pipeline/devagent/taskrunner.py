@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import random
@@ -55,10 +56,18 @@ PIPE_DRAIN_TIMEOUT = 2.0
 def rfc3339(ns: int) -> str:
     """RFC3339Nano in UTC, as Go marshals ``time.Time`` (trailing zeros of the fraction cut)."""
     seconds, fraction = divmod(ns, 1_000_000_000)
-    stamp = datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = _utc_second(seconds)
     if fraction:
         stamp += "." + f"{fraction:09d}".rstrip("0")
     return stamp + "Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_second(seconds: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a unix second. Memoized: every task event and state change
+    formats a time, nearly all of them within the same few seconds, and building a datetime
+    for each costs more than formatting the rest of the event."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def new_task_state() -> Obj:
@@ -167,9 +176,9 @@ class RotatingLog:
         self._max_files = int(log_config["MaxFiles"])
         self._on_write = on_write
         existing = [
-            int(p.name[len(self._base) :])
-            for p in logs_dir.glob(self._base + "*")
-            if p.name[len(self._base) :].isdigit()
+            int(name[len(self._base) :])
+            for name in os.listdir(logs_dir)
+            if name.startswith(self._base) and name[len(self._base) :].isdigit()
         ]
         self._number = max(existing, default=0)
         self._fd = -1
@@ -791,6 +800,8 @@ class AllocRunner:
         self._changed = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._silent = False
+        # While set, changes are recorded but not reported; see ``_run``.
+        self._holding_reports = False
         self._task_handles: list[asyncio.Task[None]] = []
 
     def _prepare_dirs(self) -> None:
@@ -804,7 +815,7 @@ class AllocRunner:
 
     def task_changed(self) -> None:
         self._changed.set()
-        if not self._silent:
+        if not self._silent and not self._holding_reports:
             self._report(self.alloc_id, self.task_states())
 
     def log_written(self) -> None:
@@ -847,13 +858,22 @@ class AllocRunner:
                 await asyncio.gather(*self._task_handles, return_exceptions=True)
 
     async def _run(self) -> None:
-        for runner in self.tasks.values():
-            runner.emit(task_event("Received", "Task received by client"))
+        # "Received" is reported together with what follows the directory setup: one client
+        # update (a commit, its events, its disk write) instead of two, milliseconds apart.
+        # Nomad's client batches its allocation updates the same way.
+        self._holding_reports = True
+        setup_error: OSError | None = None
         try:
+            for runner in self.tasks.values():
+                runner.emit(task_event("Received", "Task received by client"))
             await asyncio.to_thread(self._prepare_dirs)
         except OSError as exc:
+            setup_error = exc
+        finally:
+            self._holding_reports = False
+        if setup_error is not None:
             for runner in self.tasks.values():
-                runner.fail_setup(f"failed to build task directories: {exc}")
+                runner.fail_setup(f"failed to build task directories: {setup_error}")
             return
         for runner in self.tasks.values():
             runner.emit(

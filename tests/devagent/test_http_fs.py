@@ -244,3 +244,33 @@ async def test_logs_continue_across_rotated_files(api: Api) -> None:
         params={"task": "main", "type": "stdout", "plain": "true", "origin": "end", "offset": "6"},
     )
     assert tail == "aaEND\n"
+
+
+async def test_a_followed_log_moves_on_to_the_files_rotated_while_following(api: Api) -> None:
+    # The follower waits on a quiet first file, then the task fills it and spills into the next.
+    script = "sleep 1; head -c 1500000 /dev/zero | tr '\\0' a; echo END; sleep 30"
+    job = batch_job("spilling", script)
+    job["TaskGroups"][0]["Tasks"][0]["LogConfig"] = {"MaxFiles": 3, "MaxFileSizeMB": 1}
+    await api.ok("PUT", "/v1/jobs", json_body={"Job": job})
+
+    async def started() -> dict[str, Any] | None:
+        allocs = await job_allocations(api, "spilling")
+        if allocs and (allocs[0]["TaskStates"] or {}).get("main", {}).get("StartedAt"):
+            return allocs[0]
+        return None
+
+    stub = await eventually(started)
+    url = f"{api.address}/v1/client/fs/logs/{stub['ID']}"
+    params = {"task": "main", "type": "stdout", "follow": "true", "plain": "true"}
+    received = 0
+    async with api.session.get(url, params=params) as response:
+        assert response.status == 200
+        tail = b""
+        while not tail.endswith(b"aEND\n"):
+            async with asyncio.timeout(20):
+                chunk = await response.content.readany()
+            assert chunk, "the stream ended"
+            received += len(chunk)
+            tail = (tail + chunk)[-16:]
+    assert received == 1_500_000 + len("END\n")
+    await api.ok("DELETE", "/v1/job/spilling")
