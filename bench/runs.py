@@ -31,6 +31,10 @@ Two kinds of steps, because the overhead per transition means two different thin
 - steps sleeping a random 1-5 s each (``--step-seconds 1 5``, the second scenario by default),
   drawn per run and step from a fixed seed: 100 runs are still all running at once, but their
   transitions arrive spread out, as steps of real pipelines do (the latency a step waits).
+  Controller CPU per step is higher here, and grows with the steps' duration: a running step's
+  logs are followed (two ``client/fs/logs`` streams, each a connection of its own that Nomad
+  heartbeats every second), which ``/bin/true`` steps mostly skip (they end before the copier
+  starts, and one ``fs/ls`` shows they printed nothing).
 
 Usage: ``.venv/bin/python bench/runs.py [--runs 1 10 100] [--steps 5] [--step-seconds MIN MAX]``
 (each count in turn, each with a fresh dev agent).
@@ -303,7 +307,10 @@ async def measure(nomad_address: str, scratch: Path, scenario: Scenario, agent_p
         f"max {max(overheads, default=float('nan')) * 1000:.1f} ms "
         f"({len(overheads)} transitions)"
     )
-    print(f"controller CPU per step: {cpu / total_steps * 1000:.2f} ms ({cpu:.2f} s total)")
+    print(
+        f"controller CPU per step: {cpu / total_steps * 1000:.2f} ms ({cpu:.2f} s total, "
+        f"{cpu / wall * 100:.0f}% of one core over the wall time)"
+    )
     agent_cpu, tasks_cpu = agent_after - agent_before, tasks_after - tasks_before
     print(
         f"dev agent CPU per step: {agent_cpu / total_steps * 1000:.2f} ms "
