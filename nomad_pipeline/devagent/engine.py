@@ -930,11 +930,48 @@ class Engine:
         index = await txn.commit()
         return {"EvalID": evaluation["ID"], "Index": index}
 
+    async def reap(self, job_keys: list[str], eval_ids: list[str], alloc_ids: list[str]) -> int:
+        """Delete what garbage collection chose, in one commit (Nomad's batch reap).
+
+        Each purged job is announced as a ``JobBatchDeregistered`` Job event. The caller must
+        choose the rows and call this without awaiting in between (single-writer rule).
+        """
+        txn = _Txn(self, "JobBatchDeregistered")
+        for alloc_id in alloc_ids:
+            txn.put("allocs", alloc_id, None)
+        for eval_id in eval_ids:
+            txn.put("evals", eval_id, None)
+        for job_key in job_keys:
+            job = self.state.get("jobs", job_key)
+            if job is None:
+                continue
+            txn.put("jobs", job_key, None)
+            for version_key in self.versions_by_job.get(job_key, set()):
+                txn.put("job_versions", version_key, None)
+            txn.extra_events.append(
+                Event("Job", "JobBatchDeregistered", job["ID"], job["Namespace"], {"Job": job})
+            )
+        return await txn.commit()
+
+    def has_alloc_runner(self, alloc_id: str) -> bool:
+        """Whether the client still runs (or is finishing) the allocation's tasks."""
+        return alloc_id in self._runners
+
     # -- scheduling ------------------------------------------------------------------------
 
     def index_changes(self, puts: dict[tuple[str, str], Obj | None]) -> None:
         for (table, key), value in puts.items():
-            if table == "allocs" and value is not None:
+            if table in ("allocs", "evals") and value is None:
+                # Garbage collection deletes rows: the stored row still names its job.
+                removed = self.state.get(table, key)
+                by_job = self.allocs_by_job if table == "allocs" else self.evals_by_job
+                if removed is not None:
+                    job_key = row_key(removed["Namespace"], removed["JobID"])
+                    keys = by_job.get(job_key, set())
+                    keys.discard(key)
+                    if not keys:
+                        by_job.pop(job_key, None)
+            elif table == "allocs" and value is not None:
                 self.allocs_by_job.setdefault(
                     row_key(value["Namespace"], value["JobID"]), set()
                 ).add(key)

@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -28,11 +28,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from nomad_pipeline.devagent import events, fs, variables
+from nomad_pipeline.devagent import gc as garbage
 from nomad_pipeline.devagent.acl import acl_middleware
 from nomad_pipeline.devagent.engine import Engine
-from nomad_pipeline.devagent.http import STATE_KEY, error_middleware
+from nomad_pipeline.devagent.http import STATE_KEY, error_middleware, parse_go_duration
 from nomad_pipeline.devagent.routes import cluster, jobs
-from nomad_pipeline.devagent.state import DEFAULT_EVENT_BUFFER, StateStore
+from nomad_pipeline.devagent.state import DEFAULT_EVENT_BUFFER, StateStore, now_ns
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ class DevAgentConfig:
     event_buffer: int = DEFAULT_EVENT_BUFFER
     # Seconds between ``{}`` heartbeats on the event stream (Nomad: 30 s).
     event_heartbeat: float = events.HEARTBEAT_INTERVAL
+    # Server and client garbage collection (Nomad's defaults).
+    gc: garbage.GCConfig = field(default_factory=garbage.GCConfig)
+    # Wall clock (ns) garbage collection measures thresholds with; tests move it forward.
+    gc_clock: garbage.Clock = now_ns
 
 
 def _format_address(host: str, port: int) -> str:
@@ -68,6 +73,7 @@ class DevAgent:
         self._state: StateStore | None = None
         self._engine: Engine | None = None
         self._variables: variables.Variables | None = None
+        self._collector: garbage.GarbageCollector | None = None
         self._runner: web.AppRunner | None = None
         self._temp_dir: Path | None = None
         self._address = ""
@@ -83,6 +89,12 @@ class DevAgent:
         if self._state is None:
             raise RuntimeError("the dev agent is not started")
         return self._state
+
+    @property
+    def garbage_collector(self) -> garbage.GarbageCollector:
+        if self._collector is None:
+            raise RuntimeError("the dev agent is not started")
+        return self._collector
 
     async def __aenter__(self) -> DevAgent:
         await self.start()
@@ -132,7 +144,11 @@ class DevAgent:
             await self._engine.start()
             self._variables = variables.Variables(state)
             await self._variables.start()
-            app = self._build_app(state, self._engine, self._variables, info)
+            self._collector = garbage.GarbageCollector(
+                self._engine, config.gc, clock=config.gc_clock
+            )
+            await self._collector.start()
+            app = self._build_app(state, self._engine, self._variables, self._collector, info)
             self._runner = web.AppRunner(
                 app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE
             )
@@ -150,6 +166,7 @@ class DevAgent:
         state: StateStore,
         engine: Engine,
         variable_store: variables.Variables,
+        collector: garbage.GarbageCollector,
         info: cluster.AgentInfo,
     ) -> web.Application:
         middlewares: list[Middleware] = [error_middleware]
@@ -161,11 +178,13 @@ class DevAgent:
         app[fs.FILES_KEY] = engine
         app[variables.VARIABLES_KEY] = variable_store
         app[cluster.AGENT_INFO_KEY] = info
+        app[garbage.GC_KEY] = collector
         cluster.add_routes(app)
         jobs.add_routes(app)
         variables.add_routes(app)
         fs.add_routes(app)
         events.add_routes(app, heartbeat=self.config.event_heartbeat)
+        garbage.add_routes(app)
         return app
 
     async def stop(self) -> None:
@@ -173,6 +192,9 @@ class DevAgent:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            await collector.stop()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.stop()
@@ -259,7 +281,70 @@ def build_parser(prog: str = "nomad-pipeline dev-nomad") -> argparse.ArgumentPar
     parser.add_argument(
         "--acl-token", help="require this token (X-Nomad-Token) on every endpoint but status/*"
     )
+    collection = parser.add_argument_group(
+        "garbage collection", "durations are Go durations (90s, 5m, 4h); Nomad's defaults"
+    )
+    collection.add_argument(
+        "--job-gc-interval",
+        default="5m",
+        help="how often the server collects jobs and evaluations (default 5m)",
+    )
+    collection.add_argument(
+        "--job-gc-threshold",
+        default="4h",
+        help="how long a job must be dead before it is purged (default 4h)",
+    )
+    collection.add_argument(
+        "--eval-gc-threshold",
+        default="1h",
+        help="age at which terminal evaluations are collected (default 1h)",
+    )
+    collection.add_argument(
+        "--batch-eval-gc-threshold",
+        default="24h",
+        help="the same for batch jobs' evaluations (default 24h)",
+    )
+    collection.add_argument(
+        "--client-gc-interval",
+        default="1m",
+        help="how often the client collects allocation directories (default 1m)",
+    )
+    collection.add_argument(
+        "--gc-max-allocs",
+        type=int,
+        default=garbage.DEFAULT_GC_MAX_ALLOCS,
+        help="allocations the client tracks before removing terminal ones' directories"
+        " (default 50)",
+    )
     return parser
+
+
+def _duration_flag(args: argparse.Namespace, name: str) -> float:
+    text = getattr(args, name)
+    flag = "--" + name.replace("_", "-")
+    try:
+        return parse_go_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def gc_config_from_args(args: argparse.Namespace) -> garbage.GCConfig:
+    """The garbage-collection flags as a config; ValueError names the flag that is wrong."""
+    durations = {
+        name: _duration_flag(args, name)
+        for name in (
+            "job_gc_interval",
+            "job_gc_threshold",
+            "eval_gc_threshold",
+            "batch_eval_gc_threshold",
+            "client_gc_interval",
+        )
+    }
+    try:
+        return garbage.GCConfig(**durations, gc_max_allocs=args.gc_max_allocs)
+    except ValueError as exc:
+        flag, _, problem = str(exc).partition(": ")
+        raise ValueError(f"--{flag.replace('_', '-')}: {problem}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> DevAgentConfig:
@@ -271,6 +356,7 @@ def config_from_args(args: argparse.Namespace) -> DevAgentConfig:
         data_dir=args.data_dir,
         node_name=args.node_name,
         acl_token=args.acl_token,
+        gc=gc_config_from_args(args),
     )
 
 

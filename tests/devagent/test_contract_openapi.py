@@ -211,3 +211,12 @@ async def test_dispatch_parse_and_validate(contract: Contract, api: Api) -> None
     contract.validate(parsed, "/jobs/parse", "post")
     validated = await api.ok("POST", "/v1/validate/job", json_body={"Job": parsed})
     contract.validate(validated, "/validate/job", "post")
+
+
+async def test_system_gc(contract: Contract, api: Api) -> None:
+    # The document declares a 200 without content for PUT /system/gc: the body is empty.
+    operation = contract.document["paths"]["/system/gc"]["put"]
+    name = operation["responses"]["200"]["$ref"].rsplit("/", 1)[1]
+    assert "content" not in contract.document["components"]["responses"][name]
+    status, _, body = await api.put("/v1/system/gc")
+    assert (status, body) == (200, "")
