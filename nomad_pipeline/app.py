@@ -39,11 +39,12 @@ from nomad_pipeline.controller.leaderelection import (
     parse_lease,
 )
 from nomad_pipeline.controller.manager import Manager
+from nomad_pipeline.controller.metrics import ControllerMetrics
 from nomad_pipeline.controller.runnertoken import (
     load_or_create_secret,
     load_or_create_shared_secret,
 )
-from nomad_pipeline.controller.runtime import Runnable
+from nomad_pipeline.controller.runtime import Controller, Runnable
 from nomad_pipeline.controller.secrets import SecretResolver
 from nomad_pipeline.errors import Invalid
 from nomad_pipeline.nomad.client import NomadClient
@@ -173,6 +174,8 @@ class AppContext:
     log_root: Path
     # What per-run runner tokens are derived from (``controller/runnertoken.py``).
     runner_secret: bytes
+    # The controllers' metrics, in the API's registry (served by its /metrics).
+    metrics: ControllerMetrics
     clock: Callable[[], datetime] = utc_now
     # The API's ``http://HOST:PORT`` once it serves (None before): runners call it back.
     api_address: Callable[[], str | None] = lambda: None
@@ -260,22 +263,6 @@ class ControllerApp:
             await self._store.start()
             await ensure_default_namespace(self._store)
             runner_secret = await self._runner_secret(self._nomad)
-            context = AppContext(
-                store=self._store,
-                nomad=self._nomad,
-                config=config,
-                log_root=config.log_root,
-                runner_secret=runner_secret,
-                api_address=lambda: self.address,
-            )
-
-            def reconciler_runnables() -> list[Runnable]:
-                return [
-                    runnable
-                    for factory in self._reconciler_factories
-                    for runnable in factory(context)
-                ]
-
             api = build_api(
                 self._store,
                 log_root=config.log_root,
@@ -287,9 +274,32 @@ class ControllerApp:
                 ],
                 ready=self._ready,
             )
+            metrics = api[METRICS]
+            controller_metrics = ControllerMetrics(metrics.registry)
+            context = AppContext(
+                store=self._store,
+                nomad=self._nomad,
+                config=config,
+                log_root=config.log_root,
+                runner_secret=runner_secret,
+                metrics=controller_metrics,
+                api_address=lambda: self.address,
+            )
+
+            def reconciler_runnables() -> list[Runnable]:
+                runnables = [
+                    runnable
+                    for factory in self._reconciler_factories
+                    for runnable in factory(context)
+                ]
+                # Every controller is counted, whichever factory built it.
+                for runnable in runnables:
+                    if isinstance(runnable, Controller):
+                        runnable.instrument(controller_metrics)
+                return runnables
+
             self._api = await start_api(api, host, port)
             self.address = self._api.address
-            metrics = api[METRICS]
             if config.leader_elect:
                 self._elector = LeaderElector(
                     self._nomad,

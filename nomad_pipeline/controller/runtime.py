@@ -8,15 +8,20 @@ alone:
 - ``Result(requeue_after=t)``: reconcile again after ``t`` seconds (backoff reset).
 - ``TerminalError``: logged, not requeued; the reconciler surfaces it as a condition.
 - any other exception: requeued with the key's exponential backoff.
+
+Each reconcile's result and duration are counted (``ReconcileCounters``); ``instrument`` swaps
+in the counters a ``ControllerMetrics`` exposes, under the controller's name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from nomad_pipeline.controller.metrics import ControllerMetrics, ReconcileCounters
 from nomad_pipeline.controller.workqueue import QueueShutDownError, WorkQueue
 from nomad_pipeline.errors import TerminalError
 
@@ -70,10 +75,16 @@ class Controller:
         self._workers = workers
         # Failed reconciles (transient or terminal), for tests and diagnostics.
         self.errors = 0
+        self._counters = ReconcileCounters()
 
     @property
     def name(self) -> str:
         return self._name
+
+    def instrument(self, metrics: ControllerMetrics) -> None:
+        """Count reconciles and the work queue into ``metrics`` under this controller's name."""
+        self._counters = metrics.reconciles(self._name)
+        self.queue.instrument(metrics, self._name)
 
     def enqueue(self, request: Request) -> None:
         self.queue.add(request)
@@ -106,15 +117,21 @@ class Controller:
             "namespace": request.namespace,
             "object_name": request.name,
         }
+        counters = self._counters
+        started = time.perf_counter()
         try:
             result = await self._reconciler.reconcile(request)
         except asyncio.CancelledError:
             raise
         except TerminalError as error:
+            counters.duration.observe(time.perf_counter() - started)
+            counters.errors += 1
             self.errors += 1
             logger.error("reconcile failed permanently", extra={**extra, "error": str(error)})
             self.queue.forget(request)
         except Exception:
+            counters.duration.observe(time.perf_counter() - started)
+            counters.errors += 1
             self.errors += 1
             logger.exception(
                 "reconcile failed, backing off",
@@ -122,6 +139,14 @@ class Controller:
             )
             self.queue.add_rate_limited(request)
         else:
+            counters.duration.observe(time.perf_counter() - started)
             self.queue.forget(request)
-            if result.requeue_after is not None:
+            if result.requeue_after is None:
+                counters.success += 1
+            else:
+                # controller-runtime's split: an immediate requeue versus one after a delay.
+                if result.requeue_after > 0:
+                    counters.requeue_after += 1
+                else:
+                    counters.requeue += 1
                 self.queue.add_after(request, result.requeue_after)

@@ -6,15 +6,21 @@
 - ``add_after`` delays a key on the event loop's clock; the earliest pending deadline wins.
 - ``add_rate_limited`` delays a key by its own exponential backoff (``forget`` resets it), so one
   failing object backs off without slowing the others.
+
+Every queue counts its adds, retries and how long keys wait (``QueueCounters``); ``instrument``
+swaps in the counters a ``ControllerMetrics`` exposes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from nomad_pipeline.controller.metrics import ControllerMetrics, QueueCounters
 
 K = TypeVar("K", bound=Hashable)
 
@@ -47,10 +53,18 @@ class WorkQueue(Generic[K]):
         self._delayed: dict[K, tuple[float, asyncio.TimerHandle]] = {}
         self._getters: deque[asyncio.Future[None]] = deque()
         self._shut_down = False
+        self._counters = QueueCounters()
+        # When each key waiting for a worker was added (monotonic clock), for the queue wait.
+        self._added_at: dict[K, float] = {}
 
     def __len__(self) -> int:
         """Keys ready to be handed out (not counting delayed or in-flight ones)."""
         return len(self._ready)
+
+    def instrument(self, metrics: ControllerMetrics, name: str) -> None:
+        """Count into ``metrics`` under the queue name ``name`` from now on."""
+        self._counters = metrics.workqueue(name)
+        self._counters.depth = self.__len__
 
     @property
     def is_shut_down(self) -> bool:
@@ -67,7 +81,9 @@ class WorkQueue(Generic[K]):
     def add(self, key: K) -> None:
         if self._shut_down or key in self._dirty:
             return
+        self._counters.adds += 1
         self._dirty.add(key)
+        self._added_at.setdefault(key, time.monotonic())
         if key in self._processing:
             return  # delivered again by done()
         self._ready.append(key)
@@ -92,6 +108,7 @@ class WorkQueue(Generic[K]):
     def add_rate_limited(self, key: K) -> None:
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
+        self._counters.retries += 1
         self.add_after(key, self._backoff.delay(failures))
 
     def forget(self, key: K) -> None:
@@ -121,6 +138,9 @@ class WorkQueue(Generic[K]):
         key = self._ready.popleft()
         self._processing.add(key)
         self._dirty.discard(key)
+        added = self._added_at.pop(key, None)
+        if added is not None:
+            self._counters.queue_duration.observe(time.monotonic() - added)
         return key
 
     def done(self, key: K) -> None:
@@ -137,6 +157,7 @@ class WorkQueue(Generic[K]):
         self._delayed.clear()
         self._ready.clear()
         self._dirty.clear()
+        self._added_at.clear()
         while self._getters:
             waiter = self._getters.popleft()
             if not waiter.done():

@@ -46,6 +46,7 @@ from typing import Any
 from nomad_pipeline.controller.admission import STOP_JOBS_FINALIZER
 from nomad_pipeline.controller.api.runs import request_cancel
 from nomad_pipeline.controller.logstore import LogStore
+from nomad_pipeline.controller.metrics import RunMetrics
 from nomad_pipeline.controller.runnertoken import runner_token
 from nomad_pipeline.controller.runtime import Request, Result
 from nomad_pipeline.errors import (
@@ -193,6 +194,7 @@ class RunReconciler:
         settings: RunSettings,
         enqueue: Callable[[Request], None],
         now: Callable[[], datetime] = _utcnow,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
         self._nomad = nomad
@@ -215,6 +217,8 @@ class RunReconciler:
         # When each run last re-read Nomad in full (loop time), for the resync safety net.
         self._last_full_read: dict[RunKey, float] = {}
         self.stats = RunStats()
+        # Finished runs and steps are counted here (a standalone reconciler counts unexposed).
+        self._metrics = metrics if metrics is not None else RunMetrics()
 
     # ---- entry point -------------------------------------------------------------------------
 
@@ -307,11 +311,14 @@ class RunReconciler:
             loop = asyncio.get_running_loop()
             started = loop.time()
             ended_steps = _newly_ended_steps(run.status, work.status)
+            was_terminal = run.status.phase in TERMINAL_PHASES
             run = await self._store.update_status(updated)
             self.stats.status_write_seconds += loop.time() - started
             work.run = run
             self._written[work.key] = int(run.metadata.resource_version or 0)
             self._steps_ended(run, ended_steps)
+            if not was_terminal and run.status.phase in TERMINAL_PHASES:
+                self._count_finished(run)
         for job_key in work.finished_jobs:
             self._cache.forget(job_key)
         if run.status.phase in TERMINAL_PHASES:
@@ -320,6 +327,23 @@ class RunReconciler:
         if run.status.phase == "running":
             work.requeue_in(self._settings.resync_interval)
         return Result(requeue_after=min(work.requeue) if work.requeue else None)
+
+    def _count_finished(self, run: Run) -> None:
+        """Count a run whose terminal status was just written, and its steps' final phases.
+
+        The write is conditional on the version read, so exactly one write makes a run
+        terminal: counting there counts each run once, across reconciles and restarts. Steps are
+        counted with their run because an inline run's steps are ended by its runner's reports
+        (written by the API, not here)."""
+        namespace, flow = run.metadata.namespace, run.spec.flow
+        status = run.status
+        seconds = None
+        if status.start_time is not None and status.end_time is not None:
+            seconds = max(0.0, (status.end_time - status.start_time).total_seconds())
+        self._metrics.run_finished(namespace, flow, status.phase, seconds)
+        for step in status.steps:
+            if step.phase in TERMINAL_PHASES:
+                self._metrics.step_finished(namespace, flow, step.phase)
 
     def _steps_ended(self, run: Run, steps: list[str]) -> None:
         """Specification steps whose terminal phase is now stored: their copied logs end (an

@@ -24,6 +24,7 @@ import aiohttp
 
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import watch_store
+from nomad_pipeline.controller.metrics import ControllerMetrics
 from nomad_pipeline.controller.runtime import Controller, Request, Runnable
 from nomad_pipeline.nomad.client import NomadClient, new_session
 from nomad_pipeline.reconcilers.nomadwatch import (
@@ -125,6 +126,9 @@ class RunControllerContext(Protocol):
     @property
     def runner_secret(self) -> bytes: ...
 
+    @property
+    def metrics(self) -> ControllerMetrics: ...
+
 
 def advertised(address: str | None) -> str | None:
     """The API address as a runner on this host reaches it (a wildcard bind → loopback), when
@@ -145,9 +149,12 @@ def build_run_controller(
     nomad_token: str | None = None,
     log_session: aiohttp.ClientSession | None = None,
     workers: int = RUN_WORKERS,
+    metrics: ControllerMetrics | None = None,
 ) -> RunController:
     """The run controller's parts; call inside the running event loop (it opens a session for
-    log streams unless given ``log_session``, which the caller then closes)."""
+    log streams unless given ``log_session``, which the caller then closes). With ``metrics``
+    the controller, its queue, finished runs and steps, the event stream and the log copies are
+    counted there."""
     logs = LogStore(log_root)
     controllers: list[Controller] = []
 
@@ -179,11 +186,16 @@ def build_run_controller(
         copier=copier,
         settings=settings,
         enqueue=enqueue,
+        metrics=metrics.runs if metrics is not None else None,
     )
     reconcilers.append(reconciler)
     controller = Controller("runs", reconciler, workers=workers)
     controllers.append(controller)
     events = NomadEventSource(nomad, cache, wake)
+    if metrics is not None:
+        controller.instrument(metrics)
+        metrics.watch_event_stream(events)
+        metrics.watch_log_copies(copier.__len__)
     return RunController(store, reconciler, controller, cache, events, copier, logs, owned_session)
 
 
@@ -201,5 +213,6 @@ def run_controller_factory(context: RunControllerContext) -> Sequence[Runnable]:
         log_root=context.log_root,
         settings=settings,
         nomad_token=context.config.nomad_token,
+        metrics=context.metrics,
     )
     return built.runnables
