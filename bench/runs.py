@@ -57,11 +57,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
 from nomad_pipeline.app import tune_garbage_collector
 from nomad_pipeline.controller.admission import ensure_default_namespace
 from nomad_pipeline.controller.logstore import LogStore
 from nomad_pipeline.controller.manager import Manager
+from nomad_pipeline.controller.metrics import ControllerMetrics
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.reconcilers.run import RunSettings
 from nomad_pipeline.reconcilers.runsetup import build_run_controller
@@ -250,6 +252,8 @@ async def measure(nomad_address: str, scratch: Path, scenario: Scenario, agent_p
             log_root=scratch / "logs",
             settings=RunSettings(controller_address=lambda: None, runner_secret=os.urandom(32)),
             log_session=counted_logs,
+            # Counted as the server counts them (its /metrics), so their cost is measured too.
+            metrics=ControllerMetrics(CollectorRegistry()),
         )
         manager = Manager(built.runnables)
         running = asyncio.create_task(manager.run(), name="bench-manager")
