@@ -314,20 +314,16 @@ class ControllerMetrics:
         yield from (depth, adds, retries, waited)
 
     def _run_families(self) -> Iterator[Metric]:
-        runs = CounterMetricFamily(
+        yield _finished_counter(
             "nomad_pipeline_runs_finished",
             "Runs that ended, by namespace, flow and phase (success, failed, cancelled, skipped).",
-            labels=["namespace", "flow", "phase"],
+            self.runs.runs_finished,
         )
-        for labels, count in self.runs.runs_finished.items():
-            runs.add_metric(list(labels), count)
-        steps = CounterMetricFamily(
+        yield _finished_counter(
             "nomad_pipeline_steps_finished",
             "Steps of ended runs, by namespace, flow and final phase (counted when the run ends).",
-            labels=["namespace", "flow", "phase"],
+            self.runs.steps_finished,
         )
-        for labels, count in self.runs.steps_finished.items():
-            steps.add_metric(list(labels), count)
         durations = HistogramMetricFamily(
             "nomad_pipeline_run_duration_seconds",
             "Time from a run's start to its end, by namespace and flow.",
@@ -335,4 +331,14 @@ class ControllerMetrics:
         )
         for (namespace, flow), buckets in self.runs.run_durations.items():
             durations.add_metric([namespace, flow], buckets.cumulative(), buckets.total)
-        yield from (runs, steps, durations)
+        yield durations
+
+
+def _finished_counter(
+    name: str, documentation: str, counts: dict[tuple[str, str, str], int]
+) -> CounterMetricFamily:
+    """A counter family of ``RunMetrics``' ended runs or steps, keyed (namespace, flow, phase)."""
+    family = CounterMetricFamily(name, documentation, labels=["namespace", "flow", "phase"])
+    for labels, count in counts.items():
+        family.add_metric(list(labels), count)
+    return family

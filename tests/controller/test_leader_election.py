@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -21,7 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 from controller_api_helpers import API
-from ports import free_port
+from controller_process import ControllerProcess
+from metric_samples import parse_samples, value
+from shell_jobs import shell_job
 
 from nomad_pipeline.app import ControllerApp, ControllerConfig
 from nomad_pipeline.cli.main import main as cli_main
@@ -39,7 +39,6 @@ from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Run
 
 LEASE = "10s"
 TIMINGS = LeaseTimings.for_lease(parse_lease(LEASE))
-CLI = str(Path(sys.executable).parent / "nomad-pipeline")
 
 
 async def eventually(
@@ -73,23 +72,7 @@ async def lock_holder(nomad: NomadClient) -> dict[str, str]:
 
 
 def shell_step(name: str, script: str) -> dict[str, Any]:
-    job = {
-        "ID": name,
-        "Type": "batch",
-        "TaskGroups": [
-            {
-                "Name": "step",
-                "Tasks": [
-                    {
-                        "Name": "main",
-                        "Driver": "raw_exec",
-                        "Config": {"command": "/bin/sh", "args": ["-c", script]},
-                    }
-                ],
-            }
-        ],
-    }
-    return {"name": name, "job": {"json": job}}
+    return {"name": name, "job": {"json": shell_job(script, name)}}
 
 
 FLOW = {
@@ -127,11 +110,10 @@ class Cluster:
         self.stack.push_async_callback(app.stop)
         return app
 
-    async def metric_leader(self, address: str) -> float:
+    async def metric_leader(self, address: str) -> float | None:
         async with self.http.get(f"{address}/metrics") as response:
             text = await response.text()
-        line = next(line for line in text.splitlines() if line.startswith("nomad_pipeline_leader "))
-        return float(line.split()[1])
+        return value(parse_samples(text), "nomad_pipeline_leader")
 
     async def start_run(self, address: str) -> str:
         """Apply the flow (idempotent) and start a run through ``address``'s API."""
@@ -178,62 +160,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield Cluster(nomad_address, nomad, http, tmp_path, stack)
 
 
-@dataclass
-class ServerProcess:
-    """``nomad-pipeline server --leader-elect`` as a subprocess (killable with SIGKILL)."""
-
-    nomad_address: str
-    data_dir: Path
-    port: int
-
-    process: asyncio.subprocess.Process | None = None
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, http: aiohttp.ClientSession, *, lease: str = LEASE) -> None:
-        log = (self.data_dir.parent / f"server-{self.port}.log").open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            CLI,
-            "server",
-            "--http-addr",
-            f"127.0.0.1:{self.port}",
-            "--data-dir",
-            str(self.data_dir),
-            "--nomad-addr",
-            self.nomad_address,
-            "--state-backend",
-            "nomad-vars",
-            "--leader-elect",
-            "--leader-lease",
-            lease,
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "NOMAD_TOKEN": ""},
-        )
-        log.close()
-
-        async def ready() -> bool:
-            assert self.process is not None
-            assert self.process.returncode is None, "the server exited"
-            try:
-                async with http.get(f"{self.address}/readyz") as response:
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await eventually(ready, deadline=30.0, what="the server answers /readyz")
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
-
-
 @pytest.fixture
-async def server_process(cluster: Cluster) -> AsyncIterator[ServerProcess]:
-    server = ServerProcess(cluster.nomad_address, cluster.tmp_path / "subprocess", free_port())
+async def server_process(cluster: Cluster) -> AsyncIterator[ControllerProcess]:
+    """``nomad-pipeline server`` as a subprocess (killable with SIGKILL), started by the test."""
+    server = ControllerProcess(cluster.nomad_address, cluster.tmp_path / "subprocess")
     server.data_dir.mkdir()
     try:
         yield server
@@ -343,14 +273,9 @@ async def test_clean_stop_hands_leadership_to_the_other_controller(cluster: Clus
 
 
 async def test_killed_leader_is_replaced_once_its_lock_expires(
-    cluster: Cluster, server_process: ServerProcess
+    cluster: Cluster, server_process: ControllerProcess
 ) -> None:
-    await server_process.start(cluster.http)
-    assert server_process.process is not None
-    killed_pid = str(server_process.process.pid)
-    await eventually(
-        lambda: _holder_pid_is(cluster.nomad, killed_pid), deadline=5.0, what="the server leads"
-    )
+    await start_leading_server(cluster, server_process)
     survivor = await cluster.controller("survivor")
     assert not survivor.leading
 
@@ -372,26 +297,15 @@ async def test_killed_leader_is_replaced_once_its_lock_expires(
 
 
 async def test_restarted_controller_retakes_its_own_lock_at_once(
-    cluster: Cluster, server_process: ServerProcess
+    cluster: Cluster, server_process: ControllerProcess
 ) -> None:
-    await server_process.start(cluster.http)
-    assert server_process.process is not None
-    first_pid = str(server_process.process.pid)
-    await eventually(
-        lambda: _holder_pid_is(cluster.nomad, first_pid), deadline=5.0, what="the server leads"
-    )
+    await start_leading_server(cluster, server_process)
     lock_id = (await cluster.nomad.get_variable(LEADER_LOCK_PATH))["Lock"]["ID"]
 
     loop = asyncio.get_running_loop()
     await server_process.kill()
     killed_at = loop.time()
-    await server_process.start(cluster.http)
-    restarted_pid = str(server_process.process.pid)
-    await eventually(
-        lambda: _holder_pid_is(cluster.nomad, restarted_pid),
-        deadline=TIMINGS.ttl,
-        what="the restarted server leads",
-    )
+    await start_leading_server(cluster, server_process, deadline=TIMINGS.ttl)
     # Well before the lock could have expired (2 x TTL): it renewed the saved lock.
     assert loop.time() - killed_at < TIMINGS.ttl
     variable = await cluster.nomad.get_variable(LEADER_LOCK_PATH)
@@ -399,8 +313,18 @@ async def test_restarted_controller_retakes_its_own_lock_at_once(
     assert variable["Items"]["address"] == server_process.address
 
 
-async def _holder_pid_is(nomad: NomadClient, pid: str) -> bool:
-    return (await lock_holder(nomad)).get("pid") == pid
+async def start_leading_server(
+    cluster: Cluster, server: ControllerProcess, *, lease: str = LEASE, deadline: float = 5.0
+) -> None:
+    """Start ``nomad-pipeline server --leader-elect`` and wait until the lock names its pid."""
+    await server.start(cluster.http, "--leader-elect", "--leader-lease", lease)
+    assert server.process is not None
+    pid = str(server.process.pid)
+
+    async def holder_is_the_server() -> bool:
+        return (await lock_holder(cluster.nomad)).get("pid") == pid
+
+    await eventually(holder_is_the_server, deadline=deadline, what=f"the server (pid {pid}) leads")
 
 
 # ---- the elector on its own --------------------------------------------------------------
@@ -483,26 +407,15 @@ async def test_leader_that_cannot_reach_nomad_stops_at_the_renew_deadline(
 
 
 async def test_saved_lock_with_another_lease_is_given_back_not_kept(
-    cluster: Cluster, server_process: ServerProcess
+    cluster: Cluster, server_process: ControllerProcess
 ) -> None:
     """A restart with another --leader-lease must not keep a lock whose TTL could expire
     before its own renew deadline: it releases it and acquires a fresh one."""
-    await server_process.start(cluster.http, lease="90s")
-    assert server_process.process is not None
-    first_pid = str(server_process.process.pid)
-    await eventually(
-        lambda: _holder_pid_is(cluster.nomad, first_pid), deadline=5.0, what="the server leads"
-    )
+    await start_leading_server(cluster, server_process, lease="90s")
     old_lock = (await cluster.nomad.get_variable(LEADER_LOCK_PATH))["Lock"]
     await server_process.kill()
 
-    await server_process.start(cluster.http)
-    restarted_pid = str(server_process.process.pid)
-    await eventually(
-        lambda: _holder_pid_is(cluster.nomad, restarted_pid),
-        deadline=TIMINGS.ttl,
-        what="the restarted server leads",
-    )
+    await start_leading_server(cluster, server_process, deadline=TIMINGS.ttl)
     new_lock = (await cluster.nomad.get_variable(LEADER_LOCK_PATH))["Lock"]
     assert new_lock["ID"] != old_lock["ID"]
     assert (old_lock["TTL"], new_lock["TTL"]) == ("1m30s", "10s")

@@ -6,28 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from metric_samples import Samples, parse_samples, value
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from nomad_pipeline.controller.metrics import BucketCounts, ControllerMetrics
 from nomad_pipeline.controller.runtime import Controller, Request, Result
 from nomad_pipeline.controller.workqueue import Backoff, WorkQueue
 from nomad_pipeline.errors import TerminalError
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 def exposed(registry: CollectorRegistry) -> Samples:
-    text = generate_latest(registry).decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float | None:
-    return samples.get((metric, frozenset(labels.items())))
+    return parse_samples(generate_latest(registry).decode())
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

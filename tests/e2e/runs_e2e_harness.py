@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from ports import free_port
+from controller_process import CLI, ControllerProcess
 
 from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.nomad.client import NomadClient
 
-BIN = Path(sys.executable).parent
-CLI = str(BIN / "nomad-pipeline")
 TERMINAL = {"success", "failed", "cancelled", "skipped"}
 
 
@@ -29,73 +24,6 @@ class CliResult:
     code: int
     out: str
     err: str
-
-
-@dataclass
-class ControllerProcess:
-    """The controller subprocess; ``start``/``kill`` keep the same port and data dir."""
-
-    nomad_address: str
-    data_dir: Path
-    port: int = field(default_factory=free_port)
-    process: asyncio.subprocess.Process | None = None
-    starts: int = 0
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, http: aiohttp.ClientSession, deadline: float = 30.0) -> None:
-        self.starts += 1
-        log = (self.data_dir.parent / f"controller-{self.starts}.log").open("wb")
-        self.process = await asyncio.create_subprocess_exec(
-            CLI,
-            "server",
-            "--http-addr",
-            f"127.0.0.1:{self.port}",
-            "--data-dir",
-            str(self.data_dir),
-            "--nomad-addr",
-            self.nomad_address,
-            "--state-backend",
-            "nomad-vars",
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "NOMAD_TOKEN": ""},
-        )
-        log.close()
-        await self.wait_ready(http, deadline)
-
-    async def wait_ready(self, http: aiohttp.ClientSession, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        while True:
-            assert self.process is not None
-            if self.process.returncode is not None:
-                raise AssertionError(f"controller exited with {self.process.returncode}")
-            try:
-                async with http.get(f"{self.address}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > end:
-                raise AssertionError("controller not ready in time")
-            await asyncio.sleep(0.05)
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await self.process.wait()
-            except TimeoutError:
-                await self.kill()
 
 
 @dataclass

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from shell_jobs import shell_job
 
 from nomad_pipeline.app import ControllerApp, ControllerConfig
 from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run
 from nomad_pipeline.resources.meta import ObjectMeta
+from nomad_pipeline.store.interface import Store
 
 DEADLINE_SECONDS = 30.0
 
@@ -54,16 +56,26 @@ class Stack:
         deadline: float = DEADLINE_SECONDS,
     ) -> Run:
         """Poll the store (with a deadline) until ``until`` holds; default: the run ended."""
-        check = until or (lambda run: run.status.phase in TERMINAL_PHASES)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + deadline
-        while True:
-            run = await self.run(name)
-            if check(run):
-                return run
-            if loop.time() > end:
-                raise AssertionError(f"run {name} did not get there in time: {run.status!r}")
-            await asyncio.sleep(0.02)
+        return await wait_run_in_store(self.app.store, name, until, deadline)
+
+
+async def wait_run_in_store(
+    store: Store,
+    name: str,
+    until: Callable[[Run], bool] | None = None,
+    deadline: float = DEADLINE_SECONDS,
+) -> Run:
+    """Poll ``store`` (with a deadline) until ``until`` holds for run ``name``; default: ended."""
+    check = until or (lambda run: run.status.phase in TERMINAL_PHASES)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        run = await store.get(Run, "default", name)
+        if check(run):
+            return run
+        if loop.time() > end:
+            raise AssertionError(f"run {name} did not get there in time: {run.status!r}")
+        await asyncio.sleep(0.02)
 
 
 async def start_stack(
@@ -98,26 +110,6 @@ async def wait_for(what: str, check: Callable[[], bool]) -> None:
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def shell_job(script: str, name: str = "job") -> dict[str, Any]:
-    """A raw_exec JSON jobspec running ``script`` with /bin/sh."""
-    return {
-        "ID": name,
-        "Type": "batch",
-        "TaskGroups": [
-            {
-                "Name": "step",
-                "Tasks": [
-                    {
-                        "Name": "main",
-                        "Driver": "raw_exec",
-                        "Config": {"command": "/bin/sh", "args": ["-c", script]},
-                    }
-                ],
-            }
-        ],
-    }
 
 
 def spec_step(name: str, script: str, **extra: Any) -> dict[str, Any]:

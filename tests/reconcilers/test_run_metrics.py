@@ -8,30 +8,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-from run_harness import DEADLINE_SECONDS, spec_step
+from metric_samples import Samples, parse_samples, value
+from run_harness import DEADLINE_SECONDS, spec_step, wait_run_in_store
 
 from nomad_pipeline.app import ControllerApp, ControllerConfig
 from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run
+from nomad_pipeline.resources.kinds import Flow
 from nomad_pipeline.resources.meta import ObjectMeta
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def scrape(http: aiohttp.ClientSession, address: str) -> Samples:
     async with http.get(f"{address}/metrics") as response:
         assert response.status == 200
         text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, metric: str, /, **labels: str) -> float | None:
-    return samples.get((metric, frozenset(labels.items())))
+    return parse_samples(text)
 
 
 def named(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
@@ -73,18 +63,6 @@ async def start_run(app: ControllerApp, http: aiohttp.ClientSession, flow: str) 
         return run_id
 
 
-async def wait_finished(app: ControllerApp, name: str) -> Run:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + DEADLINE_SECONDS
-    while True:
-        run = await app.store.get(Run, "default", name)
-        if run.status.phase in TERMINAL_PHASES:
-            return run
-        if loop.time() > end:
-            raise AssertionError(f"run {name} did not finish: {run.status!r}")
-        await asyncio.sleep(0.02)
-
-
 async def test_finished_runs_and_steps_are_counted_once(tmp_path: Path) -> None:
     agent = DevAgent(DevAgentConfig(port=0, data_dir=tmp_path / "nomad"))
     nomad_address = await agent.start()
@@ -100,8 +78,8 @@ async def test_finished_runs_and_steps_are_counted_once(tmp_path: Path) -> None:
             await app.store.create(
                 Flow(metadata=ObjectMeta(name="bad"), spec={"specification": failing})
             )
-            good = await wait_finished(app, await start_run(app, http, "good"))
-            bad = await wait_finished(app, await start_run(app, http, "bad"))
+            good = await wait_run_in_store(app.store, await start_run(app, http, "good"))
+            bad = await wait_run_in_store(app.store, await start_run(app, http, "bad"))
             assert (good.status.phase, bad.status.phase) == ("success", "failed")
             assert app.address is not None
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from run_harness import Stack, shell_job, spec_step
+from run_harness import Stack, spec_step
+from shell_jobs import shell_job
 
 from nomad_pipeline.errors import NotFound
 from nomad_pipeline.resources.kinds import Run

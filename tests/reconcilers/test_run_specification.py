@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from run_harness import Stack, shell_job, spec_step
+from run_harness import Stack, spec_step
+from shell_jobs import shell_job
 
 from nomad_pipeline.resources.kinds import Run, RunSpec
 from nomad_pipeline.resources.meta import ObjectMeta

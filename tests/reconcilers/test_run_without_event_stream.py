@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from run_harness import spec_step, wait_for
+from run_harness import spec_step, wait_for, wait_run_in_store
 
 from nomad_pipeline.controller.admission import ensure_default_namespace
 from nomad_pipeline.controller.manager import Manager
@@ -25,12 +25,11 @@ from nomad_pipeline.devagent.server import DevAgent, DevAgentConfig
 from nomad_pipeline.nomad.client import NomadClient
 from nomad_pipeline.reconcilers.run import RunSettings
 from nomad_pipeline.reconcilers.runsetup import RunController, build_run_controller
-from nomad_pipeline.resources.kinds import TERMINAL_PHASES, Flow, Run, RunSpec
+from nomad_pipeline.resources.kinds import Flow, Run, RunSpec
 from nomad_pipeline.resources.meta import ObjectMeta
 from nomad_pipeline.resources.ulid import new_ulid
 from nomad_pipeline.store.memory import MemoryStore
 
-DEADLINE_SECONDS = 30.0
 # Hop-by-hop and recomputed headers are not copied through the proxy.
 _SKIPPED_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
 
@@ -82,15 +81,7 @@ class Stack:
         return name
 
     async def wait_run(self, name: str) -> Run:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + DEADLINE_SECONDS
-        while True:
-            run = await self.store.get(Run, "default", name)
-            if run.status.phase in TERMINAL_PHASES:
-                return run
-            if loop.time() > end:
-                raise AssertionError(f"run {name} did not finish: {run.status!r}")
-            await asyncio.sleep(0.02)
+        return await wait_run_in_store(self.store, name)
 
     async def transition_overheads(self, run: Run) -> list[float]:
         """Seconds from each step's allocation ending to the next step's job registered."""
