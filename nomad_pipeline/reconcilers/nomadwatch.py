@@ -381,7 +381,8 @@ class NomadEventSource:
                         EVENT_TOPICS, index=self._cache.last_index, namespace="*"
                     ):
                         failures = 0
-                        await self._stop_fallback()
+                        if self.fallback is not None:
+                            await self._stop_fallback()
                         self._cache.apply(batch)
                 except NomadPipelineError as error:
                     failures += 1
