@@ -114,6 +114,16 @@ class _Txn:
         if evaluation["Status"] == "pending":
             self.evals_to_run.append(evaluation)
 
+    def delete_job(self, job_key: str, event: Event) -> None:
+        """Delete a job and all its versions, announced by ``event``.
+
+        A deleted row has nothing to build the event from, so the caller gives it.
+        """
+        self.put("jobs", job_key, None)
+        for version_key in self.engine.versions_by_job.get(job_key, set()):
+            self.put("job_versions", version_key, None)
+        self.extra_events.append(event)
+
     def job_allocs(self, job_key: str) -> list[Obj]:
         ids = self.engine.allocs_by_job.get(job_key, set()) | self._added.get(
             ("allocs", job_key), set()
@@ -168,22 +178,16 @@ class _Txn:
         return index
 
     def _event_for(self, table: str, key: str, value: Obj | None, event_type: str) -> Event | None:
-        if table == "allocs" and value is not None:
-            return Event(
-                "Allocation",
-                event_type,
-                key,
-                value["Namespace"],
-                {"Allocation": _without_job(value)},
-                (value["JobID"], value.get("DeploymentID") or ""),
+        if table in ("allocs", "evals") and value is not None:
+            topic, payload = (
+                ("Allocation", _without_job(value)) if table == "allocs" else ("Evaluation", value)
             )
-        if table == "evals" and value is not None:
             return Event(
-                "Evaluation",
+                topic,
                 event_type,
                 key,
                 value["Namespace"],
-                {"Evaluation": value},
+                {topic: payload},
                 (value["JobID"], value.get("DeploymentID") or ""),
             )
         if table == "jobs" and value is not None:
@@ -754,13 +758,11 @@ class Engine:
             return _write_response(self.state.index, EvalID="", EvalCreateIndex=0, JobModifyIndex=0)
         txn = _Txn(self, "JobDeregistered")
         if purge:
-            txn.put("jobs", job_key, None)
-            for version_key in self.versions_by_job.get(job_key, set()):
-                txn.put("job_versions", version_key, None)
-            txn.extra_events.append(
+            txn.delete_job(
+                job_key,
                 Event(
                     "Job", "JobDeregistered", job_id, namespace, {"Job": existing, "Deleted": True}
-                )
+                ),
             )
             job_modify_index = existing["JobModifyIndex"]
         else:
@@ -945,11 +947,9 @@ class Engine:
             job = self.state.get("jobs", job_key)
             if job is None:
                 continue
-            txn.put("jobs", job_key, None)
-            for version_key in self.versions_by_job.get(job_key, set()):
-                txn.put("job_versions", version_key, None)
-            txn.extra_events.append(
-                Event("Job", "JobBatchDeregistered", job["ID"], job["Namespace"], {"Job": job})
+            txn.delete_job(
+                job_key,
+                Event("Job", "JobBatchDeregistered", job["ID"], job["Namespace"], {"Job": job}),
             )
         return await txn.commit()
 

@@ -28,7 +28,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -299,19 +299,24 @@ class LogCopier:
             await _wait_or(copy.done, delay)
             delay = min(delay * 2, _RETRY_CAP_SECONDS)
 
-    async def _read_to_end(
-        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, offset: int
-    ) -> None:
-        source = copy.source
+    def _stream_logs(
+        self, source: LogSource, stream: Stream, offset: int, *, follow: bool
+    ) -> AsyncGenerator[bytes, None]:
+        """Nomad's log stream of ``source``'s task from ``offset``, counted in ``requests``."""
         self.requests += 1
-        async for chunk in self._nomad.stream_logs(
+        return self._nomad.stream_logs(
             source.alloc_id,
             source.task,
             stream,
             namespace=source.nomad_namespace,
             offset=offset,
-            follow=False,
-        ):
+            follow=follow,
+        )
+
+    async def _read_to_end(
+        self, copy: _Copy, paths: dict[Stream, Path], stream: Stream, offset: int
+    ) -> None:
+        async for chunk in self._stream_logs(copy.source, stream, offset, follow=False):
             await self._append(copy, paths, stream, chunk)
 
     async def _follow(
@@ -327,15 +332,7 @@ class LogCopier:
 
         async def pump() -> None:
             try:
-                self.requests += 1
-                async for chunk in self._nomad.stream_logs(
-                    source.alloc_id,
-                    source.task,
-                    stream,
-                    namespace=source.nomad_namespace,
-                    offset=offset,
-                    follow=True,
-                ):
+                async for chunk in self._stream_logs(source, stream, offset, follow=True):
                     queue.put_nowait(chunk)
             finally:
                 queue.put_nowait(None)
