@@ -243,6 +243,7 @@ async def measure(nomad_address: str, scratch: Path, scenario: Scenario, agent_p
         NomadClient(nomad_address) as store_nomad,
         NomadClient(nomad_address, session=counted_session) as nomad,
     ):
+        metrics = ControllerMetrics(CollectorRegistry())
         store: Store = NomadVarsStore(store_nomad) if backend == "nomad-vars" else MemoryStore()
         await store.start()
         await ensure_default_namespace(store)
@@ -253,8 +254,10 @@ async def measure(nomad_address: str, scratch: Path, scenario: Scenario, agent_p
             settings=RunSettings(controller_address=lambda: None, runner_secret=os.urandom(32)),
             log_session=counted_logs,
             # Counted as the server counts them (its /metrics), so their cost is measured too.
-            metrics=ControllerMetrics(CollectorRegistry()),
+            metrics=metrics,
         )
+        # As the app instruments every controller it runs.
+        built.controller.instrument(metrics)
         manager = Manager(built.runnables)
         running = asyncio.create_task(manager.run(), name="bench-manager")
         flow = bench_flow(scenario)

@@ -153,8 +153,9 @@ def build_run_controller(
 ) -> RunController:
     """The run controller's parts; call inside the running event loop (it opens a session for
     log streams unless given ``log_session``, which the caller then closes). With ``metrics``
-    the controller, its queue, finished runs and steps, the event stream and the log copies are
-    counted there."""
+    finished runs and steps, the event stream and the log copies are counted there (the
+    controller and its queue are instrumented by whoever runs it: the app, for every
+    controller)."""
     logs = LogStore(log_root)
     controllers: list[Controller] = []
 
@@ -193,7 +194,6 @@ def build_run_controller(
     controllers.append(controller)
     events = NomadEventSource(nomad, cache, wake)
     if metrics is not None:
-        controller.instrument(metrics)
         metrics.watch_event_stream(events)
         metrics.watch_log_copies(copier.__len__)
     return RunController(store, reconciler, controller, cache, events, copier, logs, owned_session)

@@ -97,9 +97,6 @@ class NamespaceStatus(Status):
 
 class Namespace(Resource):
     KIND: ClassVar[str] = "Namespace"
-    PLURAL: ClassVar[str] = "namespaces"
-    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ns",)
-    NAMESPACED: ClassVar[bool] = False
 
     kind: Literal["Namespace"] = "Namespace"
     spec: NamespaceSpec = Field(default_factory=NamespaceSpec)
@@ -503,8 +500,6 @@ class FlowStatus(Status):
 
 class Flow(Resource):
     KIND: ClassVar[str] = "Flow"
-    PLURAL: ClassVar[str] = "flows"
-    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["Flow"] = "Flow"
     spec: FlowSpec
@@ -594,8 +589,6 @@ TRIGGER_LABEL = f"{API_GROUP}/trigger"
 
 class Run(Resource):
     KIND: ClassVar[str] = "Run"
-    PLURAL: ClassVar[str] = "runs"
-    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["Run"] = "Run"
     spec: RunSpec
@@ -755,8 +748,6 @@ class TriggerStatus(Status):
 
 class Trigger(Resource):
     KIND: ClassVar[str] = "Trigger"
-    PLURAL: ClassVar[str] = "triggers"
-    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["Trigger"] = "Trigger"
     spec: TriggerSpec
@@ -824,8 +815,6 @@ class GitRepositoryStatus(Status):
 
 class GitRepository(Resource):
     KIND: ClassVar[str] = "GitRepository"
-    PLURAL: ClassVar[str] = "gitrepositories"
-    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("gitrepo",)
 
     kind: Literal["GitRepository"] = "GitRepository"
     spec: GitRepositorySpec

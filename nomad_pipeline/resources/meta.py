@@ -127,13 +127,23 @@ def ready_condition(
 
 
 class Resource(StrictModel):
-    """Base of every kind. Subclasses narrow ``spec`` and ``status`` and set the class vars."""
+    """Base of every kind. Subclasses narrow ``spec`` and ``status`` and set ``KIND``; the
+    other names come from ``names.KIND_NAMES``, their one home (the CLI reads it without
+    loading these models)."""
 
     KIND: ClassVar[str] = ""
     PLURAL: ClassVar[str] = ""
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
     # Namespaces are cluster-scoped: their metadata.namespace is ignored and stored as "".
     NAMESPACED: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            kind_names = names.kind_names_for(cls.KIND)
+            cls.PLURAL = kind_names.plural
+            cls.SHORT_NAMES = kind_names.short_names
+            cls.NAMESPACED = kind_names.namespaced
 
     api_version: str = Field(default=API_VERSION, alias="apiVersion")
     kind: str
